@@ -1,0 +1,222 @@
+"""Images in physical space and their I/O (SimpleITK: NIfTI, MHA/MHD, NRRD, PNG/JPEG, DICOM).
+
+An :class:`Image` is a float tensor of shape ``grid.shape`` (z, y, x) on a :class:`Grid`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import InputError
+from .grid import DTYPE, Grid, world_to_normalized
+
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+@dataclass
+class Image:
+    """A scalar image: ``data`` has shape ``grid.shape`` (z, y, x)."""
+
+    data: Tensor
+    grid: Grid
+
+    def __post_init__(self) -> None:
+        if tuple(self.data.shape) != self.grid.shape:
+            raise ValueError(f"data shape {tuple(self.data.shape)} does not match grid shape {self.grid.shape}")
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    def with_data(self, data: Tensor) -> "Image":
+        return Image(data, self.grid)
+
+    def check_finite(self, name: str = "image") -> "Image":
+        if not torch.isfinite(self.data).all():
+            raise InputError(f"{name} contains NaN or infinite values")
+        return self
+
+
+# ------------------------------------------------------------------------ I/O
+def grid_from_sitk(img: sitk.Image) -> Grid:
+    return Grid(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+
+def to_sitk(image: Image, dtype: np.dtype | None = None) -> sitk.Image:
+    arr = image.data.detach().cpu().numpy()
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    out = sitk.GetImageFromArray(arr)
+    g = image.grid
+    out.SetSpacing(g.spacing)
+    out.SetOrigin(g.origin)
+    out.SetDirection(g.direction)
+    return out
+
+
+def from_sitk(img: sitk.Image) -> Image:
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        # RGB(A) slices with equal channels (e.g. ITK example PNGs): use luminance.
+        n = img.GetNumberOfComponentsPerPixel()
+        chans = [sitk.Cast(sitk.VectorIndexSelectionCast(img, i), sitk.sitkFloat32) for i in range(min(n, 3))]
+        img = chans[0] if len(chans) < 3 else 0.299 * chans[0] + 0.587 * chans[1] + 0.114 * chans[2]
+    if img.GetDimension() == 3 and img.GetSize()[2] == 1:
+        img = img[:, :, 0]  # single-slice volume (e.g. a 2D DICOM) -> 2D
+    if img.GetDimension() not in (2, 3):
+        raise InputError(f"only 2D and 3D images are supported, got {img.GetDimension()}D")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    return Image(torch.from_numpy(np.ascontiguousarray(arr)), grid_from_sitk(img))
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read a 2D/3D scalar image; a directory is read as a DICOM series.
+
+    Raises:
+        InputError: missing, unreadable or non-finite image.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file or directory: {p}")
+    try:
+        if p.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(p))
+            if not series:
+                raise InputError(f"no DICOM series found in directory {p}")
+            files = reader.GetGDCMSeriesFileNames(str(p), series[0])
+            reader.SetFileNames(files)
+            img = reader.Execute()
+            photometric = _dicom_tag(files[0], "0028|0004")
+        else:
+            img = sitk.ReadImage(str(p))
+            photometric = _dicom_tag(str(p), "0028|0004") if p.suffix.lower() in _DICOM_SUFFIXES else ""
+    except RuntimeError as exc:
+        raise InputError(f"cannot read image {p}: {str(exc).strip().splitlines()[-1]}") from None
+    image = from_sitk(img)
+    if photometric.strip().upper() == "MONOCHROME1":  # bright = low values: invert to MONOCHROME2
+        image = image.with_data(image.data.max() + image.data.min() - image.data)
+    return image.check_finite(str(p))
+
+
+def _dicom_tag(path: str, tag: str) -> str:
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(path)
+        r.ReadImageInformation()
+        return r.GetMetaData(tag) if r.HasMetaDataKey(tag) else ""
+    except RuntimeError:
+        return ""
+
+
+def write_image(image: Image, path: str | os.PathLike, dtype: np.dtype | None = None) -> None:
+    """Write an image; PNG/JPEG are rescaled to uint8 unless already in [0, 255]."""
+    p = Path(path)
+    if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        data = image.data
+        lo, hi = float(data.min()), float(data.max())
+        if lo < 0 or hi > 255:
+            data = (data - lo) / max(hi - lo, 1e-12) * 255
+        image = image.with_data(data.round())
+        dtype = np.uint8
+    sitk.WriteImage(to_sitk(image, dtype), str(p), useCompression=True)
+
+
+# ------------------------------------------------------------------ sampling
+def sample(data: Tensor, grid: Grid, points: Tensor, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
+    """Sample a (C, *grid.shape) or grid.shape tensor at world points.
+
+    Args:
+        data: image values, shape ``(C, *grid.shape)`` or ``grid.shape``.
+        grid: the grid the data lives on.
+        points: world points, shape (N, d).
+        mode: ``"bilinear"`` (linear) or ``"nearest"``.
+    Returns:
+        values of shape (N, C) (or (N,) for scalar data) and a bool mask (N,) of points inside
+        the grid's voxel-centre bounding box.
+    """
+    scalar = data.dim() == grid.ndim
+    x = data[None] if scalar else data
+    d = grid.ndim
+    norm = world_to_normalized(grid, points.to(x.dtype))
+    inside = ((norm >= -1 - 1e-6) & (norm <= 1 + 1e-6)).all(dim=1)
+    g = norm.reshape((1,) + (1,) * (d - 1) + (-1, d))
+    out = F.grid_sample(x[None], g, mode=mode, padding_mode=padding_mode, align_corners=True)
+    out = out.reshape(x.shape[0], -1).T
+    return (out[:, 0] if scalar else out), inside
+
+
+def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", default: float = 0.0) -> Image:
+    """Resample ``image`` onto ``grid``: value at x is image(transform(x)) (ITK convention)."""
+    with torch.no_grad():
+        pts = grid.points()
+        if transform is not None:
+            pts = transform.transform_grid(grid) if hasattr(transform, "transform_grid") else transform(pts)
+        pts = pts.to(torch.float32)
+    vals, inside = sample(image.data, image.grid, pts, mode=mode, padding_mode="border")
+    vals = torch.where(inside, vals, torch.as_tensor(default, dtype=vals.dtype))
+    return Image(vals.reshape(grid.shape), grid)
+
+
+# ---------------------------------------------------------------- filtering
+def gaussian_kernel1d(sigma_vox: float) -> Tensor:
+    radius = max(1, int(np.ceil(3.0 * sigma_vox)))
+    x = torch.arange(-radius, radius + 1, dtype=DTYPE)
+    k = torch.exp(-0.5 * (x / sigma_vox) ** 2)
+    return k / k.sum()
+
+
+def smooth(data: Tensor, grid: Grid, sigma_mm: float | tuple[float, ...]) -> Tensor:
+    """Separable Gaussian smoothing of a grid.shape tensor, sigma in mm, replicate borders."""
+    d = grid.ndim
+    sig = (sigma_mm,) * d if isinstance(sigma_mm, (int, float)) else tuple(sigma_mm)
+    out = data[None, None].to(DTYPE)
+    for axis in range(d):  # axis in (x, y, z) order; tensor dim = 2 + (d - 1 - axis)
+        s = sig[axis] / grid.spacing[axis]
+        if s <= 0.05 or grid.size[axis] < 2:
+            continue
+        k = gaussian_kernel1d(s)
+        r = (len(k) - 1) // 2
+        tdim = 2 + (d - 1 - axis)
+        shape = [1, 1] + [1] * d
+        shape[tdim] = len(k)
+        pad = [0, 0] * d
+        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r  # F.pad order: last dim first
+        xp = F.pad(out, pad, mode="replicate")
+        conv = F.conv2d if d == 2 else F.conv3d
+        out = conv(xp, k.reshape(shape))
+    return out[0, 0]
+
+
+def gradient(data: Tensor, grid: Grid) -> Tensor:
+    """World-space gradient (central differences), shape (d, *grid.shape), (x, y[, z]) order."""
+    d = grid.ndim
+    comps = []
+    for axis in range(d):
+        tdim = d - 1 - axis
+        g = torch.gradient(data, dim=tdim)[0] if data.shape[tdim] > 1 else torch.zeros_like(data)
+        comps.append(g / grid.spacing[axis])
+    gi = torch.stack(comps)  # d/d(index_axis) scaled by spacing -> derivative along direction columns
+    dirm = grid.direction_matrix(gi.dtype)
+    return torch.einsum("ij,j...->i...", dirm, gi)
+
+
+def normalize_intensity(data: Tensor, mask: Tensor | None = None, lo_pct: float = 0.0,
+                        hi_pct: float = 99.9) -> Tensor:
+    """Robustly rescale intensities to about [0, 1] using percentiles (within mask if given)."""
+    vals = data[mask] if mask is not None else data.reshape(-1)
+    if vals.numel() > 2_000_000:
+        vals = vals[torch.randperm(vals.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    lo = torch.quantile(vals.float(), lo_pct / 100.0) if lo_pct > 0 else vals.min()
+    hi = torch.quantile(vals.float(), hi_pct / 100.0)
+    if float(hi - lo) <= 0:
+        hi = vals.max()
+    return (data - lo) / max(float(hi - lo), 1e-12)

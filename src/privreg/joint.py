@@ -1,0 +1,151 @@
+"""The joint-product seam: the only computations that mix the two parties' images.
+
+Party 1 (moving image I, parameters theta) holds a matrix U (N x a) per iteration; party 2
+(fixed image J) holds a feature matrix V (N x b) computed once per pyramid level from J.
+With a public basis Phi (N x P: [x - c, 1] for linear transforms, B-spline weights for FFDs)
+the seam returns
+
+    cross[j, a, b] = sum_i Phi[i, j] U[i, a] V[i, b]       (P x a x b)
+    total[a, b]    = sum_i U[i, a] V[i, b]                 (a x b)
+
+to party 1. Every quantity of the PPIR paper is of this form:
+
+* SSD (sec. 2.1): V = [J, J^2], U = [m*grad I(W), m*I(W), m]:  S^T J = cross[:, :d, 0],
+  sum I(W) J = total[d, 0], sum J^2 = total[d + 1, 1].
+* MI (sec. 2.2): V = B (one-hot fixed bins), U = [m*A, m*C]:  P = A^T B / N = total[:nb] / N,
+  dP/dtheta = C^T B / N (eq. 9) = cross[:, nb:, :] / N.
+
+Backends: :class:`ClearBackend` here; MPC and CKKS backends implement the same two methods
+(``start_level`` and ``cross``) with party 2 in another process. Nothing else in the
+registration loop knows which backend runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .basis import Basis, DenseBasis
+from .grid import Grid
+from .image import Image, normalize_intensity, resample, smooth
+from .metrics.functional import parzen_fixed
+
+
+@dataclass(frozen=True)
+class PyramidLevel:
+    """One resolution level: grid shrink factor and Gaussian smoothing sigma (mm)."""
+
+    factor: float
+    sigma_mm: float
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What party 2 computes from its image at a level: ``"ssd"`` -> [J, J^2]; ``"mi"`` -> one-hot bins."""
+
+    kind: str
+    bins: int = 32
+
+
+def level_image(image: Image, grid: Grid, level: PyramidLevel) -> Image:
+    """Smooth ``image`` with the level's sigma and resample it on the level grid."""
+    data = smooth(image.data, image.grid, level.sigma_mm) if level.sigma_mm > 0 else image.data
+    sm = Image(data, image.grid)
+    return sm if grid.same_as(image.grid) else resample(sm, grid)
+
+
+class FixedSide:
+    """Party 2's local computations: the fixed image pyramid and its feature matrices V."""
+
+    def __init__(self, fixed: Image, levels: list[PyramidLevel], normalize: bool = True) -> None:
+        data = normalize_intensity(fixed.data) if normalize else fixed.data
+        self.fixed = Image(data, fixed.grid)
+        self.levels = levels
+
+    def level_grid(self, level: int) -> Grid:
+        return self.fixed.grid.downsample(self.levels[level].factor)
+
+    def features(self, level: int, spec: FeatureSpec) -> Tensor:
+        j = level_image(self.fixed, self.level_grid(level), self.levels[level]).data.reshape(-1).to(torch.float64)
+        if spec.kind == "ssd":
+            return torch.stack([j, j * j], dim=1)
+        if spec.kind == "mi":
+            return parzen_fixed(j, float(j.min()), float(j.max()), spec.bins)
+        raise ValueError(f"unknown feature kind {spec.kind!r}")
+
+
+@dataclass
+class CrossResult:
+    cross: Tensor  # (P, a, b)
+    total: Tensor  # (a, b)
+
+
+@dataclass
+class BackendStats:
+    """Per-run accounting; secure backends fill in bytes and rounds."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class JointBackend(ABC):
+    """Computes the joint products for party 1; party 2's data stays behind this interface."""
+
+    stats: BackendStats
+
+    @abstractmethod
+    def start_level(self, level: int, spec: FeatureSpec) -> None:
+        """Party 2 prepares V for pyramid ``level`` (done once per level)."""
+
+    @abstractmethod
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
+        """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b]."""
+
+    def close(self) -> None:
+        """Release resources (sockets, processes)."""
+
+
+def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384) -> CrossResult:
+    """Plain-text evaluation of the seam's products (used by the clear backend and by tests)."""
+    u = u.to(torch.float64)
+    v = v.to(torch.float64)
+    a, b = u.shape[1], v.shape[1]
+    total = u.T @ v
+    if isinstance(basis, DenseBasis):
+        phi = basis.matrix.to(torch.float64)
+        p = phi.shape[1]
+        out = torch.zeros(p * a, b, dtype=torch.float64)
+        for s in range(0, u.shape[0], chunk):
+            w = (phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a)
+            out += w.T @ v[s:s + chunk]
+        return CrossResult(out.reshape(p, a, b), total)
+    uv = (u[:, :, None] * v[:, None, :]).reshape(u.shape[0], a * b)
+    return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
+
+
+class ClearBackend(JointBackend):
+    """Both images in one process (the CLEAR baseline)."""
+
+    def __init__(self, fixed_side: FixedSide) -> None:
+        self.fixed_side = fixed_side
+        self.v: Tensor | None = None
+        self.stats = BackendStats()
+
+    def start_level(self, level: int, spec: FeatureSpec) -> None:
+        self.v = self.fixed_side.features(level, spec)
+
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
+        if self.v is None:
+            raise RuntimeError("start_level must be called before cross")
+        import time
+
+        t0 = time.perf_counter()
+        v = self.v if index is None else self.v[index]
+        res = cross_product(u, v, basis)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        return res

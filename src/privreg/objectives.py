@@ -1,0 +1,304 @@
+"""Registration objectives at one pyramid level, seen from party 1 (moving image, theta).
+
+* :class:`JointObjective` - SSD or Mattes MI whose image-mixing terms go through the joint-product
+  seam (:mod:`privreg.joint`); returns value, gradient and Gauss-Newton Hessian (SSD: linearised
+  Hessian S^T S; MI: Dowson-Bowden). Works for any backend.
+* :class:`AutogradObjective` - any metric (SSD, NCC, LNCC, MI, MIND) by automatic differentiation,
+  both images in one process (clear only).
+
+Parameters are handled in "dense" form D (P x d): W(x) = L (x_or_c + Phi(x) D) ... so that
+dW_k/dD_jk = (L Phi_j)(x); linear transforms map D <-> theta through their Jacobian.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .basis import Basis, DenseBasis
+from .grid import Grid
+from .image import Image, gradient, sample
+from .joint import FeatureSpec, JointBackend
+from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving, ssd_loss
+from .regularizers import REGULARIZERS, control_grid_operator
+from .transforms import CompositeTransform, GridSplineTransform, LinearTransform, Transform
+
+F64 = torch.float64
+
+
+@dataclass
+class MovingLevel:
+    """Party 1's data at a level: moving image (smoothed) with its world gradient, and its mask."""
+
+    image: Image
+    channels: Tensor  # (1 + d, *shape): I, dI/dx, dI/dy[, dI/dz]
+    mask: Image | None = None
+    vmin: float = 0.0
+    vmax: float = 1.0
+
+    @staticmethod
+    def build(image: Image, mask: Image | None = None) -> "MovingLevel":
+        g = gradient(image.data, image.grid)
+        ch = torch.cat([image.data[None], g], 0)
+        vals = image.data[mask.data > 0] if mask is not None else image.data
+        return MovingLevel(image, ch, mask, float(vals.min()), float(vals.max()))
+
+    def values(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Intensity (N,), world gradient (N, d) and inside-mask (N,) at moving-space points."""
+        out, inside = sample(self.channels, self.image.grid, points.to(torch.float32))
+        if self.mask is not None:
+            mv, _ = sample(self.mask.data.to(torch.float32), self.mask.grid, points.to(torch.float32), mode="nearest")
+            inside = inside & (mv > 0)
+        return out[:, 0].to(F64), out[:, 1:].to(F64), inside
+
+
+class ParamModel:
+    """Splits W into a fixed outer linear part L and an optimised inner part linear in D."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+        parts = list(transform.transforms) if isinstance(transform, CompositeTransform) else [transform]
+        self.inner = parts[-1]
+        outer = parts[:-1]
+        if not all(isinstance(t, LinearTransform) for t in outer):
+            raise ValueError("Gauss-Newton needs the transforms applied after the optimised one to be linear")
+        d = transform.ndim
+        lin = torch.eye(d, dtype=F64)
+        for t in outer:
+            lin = lin @ t.matrix_translation()[0].detach()
+        self.outer_linear = lin  # dW/dy of the outer part
+        if isinstance(self.inner, LinearTransform):
+            self.kind = "linear"
+        elif isinstance(self.inner, GridSplineTransform):
+            self.kind = "spline"
+        else:
+            raise ValueError(f"Gauss-Newton does not support {type(self.inner).__name__}; use lbfgs/adam")
+
+    @property
+    def ndim(self) -> int:
+        return self.transform.ndim
+
+    def basis(self, grid: Grid, points: Tensor, index: Tensor | None) -> Basis:
+        if self.kind == "linear":
+            return DenseBasis(self.inner.basis(points))
+        full = self.inner.basis_grid(grid)
+        return full if index is None else full.rows(index)
+
+    def chain(self) -> Tensor | None:
+        """d vec(D) / d theta, or None for identity (splines)."""
+        if self.kind == "spline":
+            return None
+        jm = self.inner.dense_jacobian()  # (d*(d+1), n) rows in M (d x P) order
+        d = self.ndim
+        p = d + 1
+        perm = torch.arange(d * p).reshape(d, p).T.reshape(-1)  # D (P x d) order
+        return jm[perm]
+
+    def update(self, delta_theta: Tensor) -> None:
+        with torch.no_grad():
+            th = self.inner.theta
+            th.add_(delta_theta.reshape(th.shape).to(th.dtype))
+
+
+@dataclass
+class Evaluation:
+    value: float
+    grad: Tensor  # (n_theta,)
+    hess: Tensor | None  # (n, n) dense, or None if matvec is used
+    hess_matvec: object = None
+    hess_diag: Tensor | None = None
+    num_points: int = 0
+    basis: Basis | None = None
+    g_outer: Tensor | None = None  # (N, d) L^T grad I at points, for step sizes
+
+
+class JointObjective:
+    """SSD or MI through the joint-product seam (the PPIR formulation)."""
+
+    def __init__(self, metric: str, model: ParamModel, moving: MovingLevel, grid: Grid, backend: JointBackend,
+                 bins: int = 32, reg_weight: float = 0.0, reg_kind: str = "bending") -> None:
+        if metric not in ("ssd", "mi"):
+            raise ValueError(f"joint objective supports ssd or mi, got {metric!r}")
+        self.metric, self.model, self.moving, self.grid, self.backend = metric, model, moving, grid, backend
+        self.bins = bins
+        self.reg_weight, self.reg_kind = reg_weight, reg_kind
+        self.points = grid.points(F64)
+        self.spec = FeatureSpec(metric, bins)
+
+    def start(self, level: int) -> None:
+        self.backend.start_level(level, self.spec)
+
+    def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pts = self.points if index is None else self.points[index]
+        with torch.no_grad():
+            if index is None:
+                wpts = self.model.transform.transform_grid(self.grid).to(F64)
+            else:
+                wpts = self.model.transform(pts)
+        i_w, g, inside = self.moving.values(wpts)
+        return pts, i_w, g @ self.model.outer_linear, inside  # g' = L^T g (row form g L)
+
+    def gradient_magnitude(self) -> Tensor:
+        """|grad I(W(x))| on the full level grid, party 1's GMS weights."""
+        _, _, g, inside = self.warped(None)
+        return torch.linalg.norm(g, dim=1) * inside
+
+    def evaluate(self, index: Tensor | None) -> Evaluation:
+        pts, i_w, g, inside = self.warped(index)
+        m = inside.to(F64)
+        nvalid = float(m.sum())
+        if nvalid < 16:
+            from .errors import InputError
+
+            raise InputError("the images do not overlap under the current transform (fewer than 16 points)")
+        basis = self.model.basis(self.grid, pts, index)
+        d = self.model.ndim
+        if self.metric == "ssd":
+            ev = self._ssd(i_w, g, m, nvalid, basis, d, index)
+        else:
+            ev = self._mi(i_w, g, m, nvalid, basis, d, index)
+        ev.num_points, ev.basis, ev.g_outer = int(nvalid), basis, g * m[:, None]
+        self._add_regularizer(ev)
+        return self._chain(ev)
+
+    # ------------------------------------------------------------------ SSD
+    def _ssd(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
+        u = torch.cat([g * m[:, None], (m * i_w)[:, None], m[:, None]], 1)
+        res = self.backend.cross(u, basis, index)
+        r = res.cross[:, :d, 0]  # S^T J  (P, d)
+        sum_ij = res.total[d, 0]
+        sum_jj = res.total[d + 1, 1]
+        value = float(((m * i_w * i_w).sum() - 2 * sum_ij + sum_jj) / n)
+        local = basis.adjoint(g * (m * i_w)[:, None])  # sum Phi m g I_w
+        grad = (2.0 / n) * (local - r).reshape(-1)
+        gm = g * m[:, None]
+        if isinstance(basis, DenseBasis):
+            s = (basis.matrix[:, :, None] * gm[:, None, :]).reshape(gm.shape[0], -1)
+            hess = (2.0 / n) * (s.T @ s)
+            return Evaluation(value, grad, hess)
+
+        def matvec(v: Tensor) -> Tensor:
+            disp = basis.apply(v.reshape(-1, d))  # (N, d)
+            s_v = (gm * disp).sum(1, keepdim=True)
+            return (2.0 / n) * basis.adjoint(gm * s_v).reshape(-1)
+
+        diag = (2.0 / n) * basis.adjoint_squared(gm * gm).reshape(-1)
+        return Evaluation(value, grad, None, matvec, diag)
+
+    # ------------------------------------------------------------------- MI
+    def _mi(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
+        nb = self.bins
+        a, da, _ = parzen_moving(i_w, self.moving.vmin, self.moving.vmax, nb)
+        c = (da[:, :, None] * g[:, None, :]).reshape(-1, nb * d)  # dA(x, r)/dW_k
+        u = torch.cat([a * m[:, None], c * m[:, None]], 1)
+        res = self.backend.cross(u, basis, index)
+        p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
+        pnum = basis.num_basis
+        dp = res.cross[:, nb:, :].reshape(pnum, nb, d, -1).permute(0, 2, 1, 3) / n  # eq. (9) (P, d, nb, nbt)
+        dp = dp.reshape(pnum * d, -1)
+        pr = p.sum(1, keepdim=True)
+        pt = p.sum(0, keepdim=True)
+        nz = p > 1e-12
+        logterm = torch.where(nz, torch.log(p.clamp(min=1e-12) / pr.clamp(min=1e-12)), torch.zeros_like(p))
+        mi = float((p * torch.log((p / (pr * pt).clamp(min=1e-20)).clamp(min=1e-20)) * nz).sum())
+        grad = -(dp @ logterm.reshape(-1))
+        w = torch.where(nz, 1.0 / p.clamp(min=1e-12) - 1.0 / pr.clamp(min=1e-12), torch.zeros_like(p)).reshape(-1)
+        hess = (dp * w[None]) @ dp.T
+        return Evaluation(-mi, grad, hess)
+
+    # ------------------------------------------------------- regularisation
+    def _add_regularizer(self, ev: Evaluation) -> None:
+        if self.reg_weight <= 0 or self.model.kind != "spline":
+            return
+        shape = self.model.inner.ctrl.shape
+        coef = self.model.inner.coefficients.detach().to(F64)
+        sp = torch.tensor(self.model.inner.ctrl.spacing, dtype=F64).min()
+        lam = self.reg_weight / float(coef.shape[0]) / float(sp) ** (2 if self.reg_kind == "diffusion" else 4)
+        kc = control_grid_operator(coef, shape, self.reg_kind)
+        ev.value += 0.5 * lam * float((coef * kc).sum())
+        ev.grad = ev.grad + lam * kc.reshape(-1)
+        d = coef.shape[1]
+        kdiag = 4.0 * len(shape) if self.reg_kind == "diffusion" else (4.0 * len(shape)) ** 2
+        if ev.hess is not None:
+            eye = torch.eye(coef.numel(), dtype=F64)
+            kmat = torch.stack([control_grid_operator(e.reshape(-1, d), shape, self.reg_kind).reshape(-1) for e in eye])
+            ev.hess = ev.hess + lam * kmat
+        else:
+            base = ev.hess_matvec
+            ev.hess_matvec = lambda v: base(v) + lam * control_grid_operator(v.reshape(-1, d), shape, self.reg_kind).reshape(-1)
+            ev.hess_diag = ev.hess_diag + lam * kdiag
+
+    def _chain(self, ev: Evaluation) -> Evaluation:
+        jac = self.model.chain()
+        if jac is None:
+            return ev
+        ev.grad = jac.T @ ev.grad
+        ev.hess = jac.T @ ev.hess @ jac
+        return ev
+
+
+
+class AutogradObjective:
+    """Any metric, differentiated by autograd (clear only: needs both images in one process)."""
+
+    def __init__(self, metric: str, transform: Transform, moving: MovingLevel, fixed: Image,
+                 fixed_mask: Tensor | None, bins: int = 32, reg_weight: float = 0.0, reg_kind: str = "bending",
+                 lncc_radius: int = 4) -> None:
+        self.metric, self.transform, self.moving, self.fixed = metric, transform, moving, fixed
+        self.fixed_mask = fixed_mask
+        self.bins, self.reg_weight, self.reg_kind, self.lncc_radius = bins, reg_weight, reg_kind, lncc_radius
+        self.points = fixed.grid.points()
+        self.fvals = fixed.data.reshape(-1)
+        self.franges = (float(self.fvals.min()), float(self.fvals.max()))
+
+    def loss(self, index: Tensor | None) -> Tensor:
+        grid = self.fixed.grid
+        if index is None:
+            wpts = self.transform.transform_grid(grid).to(torch.float32)
+        else:
+            wpts = self.transform(self.points[index].to(F64)).to(torch.float32)
+        vals, inside = sample(self.moving.image.data, self.moving.image.grid, wpts)
+        if self.moving.mask is not None:
+            mv, _ = sample(self.moving.mask.data.float(), self.moving.mask.grid, wpts.detach(), mode="nearest")
+            inside = inside & (mv > 0)
+        fv = self.fvals if index is None else self.fvals[index]
+        mask = inside if self.fixed_mask is None else inside & (self.fixed_mask.reshape(-1) if index is None else self.fixed_mask.reshape(-1)[index])
+        if mask.sum() < 16:
+            from .errors import InputError
+
+            raise InputError("the images do not overlap under the current transform (fewer than 16 points)")
+        m = self.metric
+        if m == "ssd":
+            loss = ssd_loss(vals, fv, mask)
+        elif m == "ncc":
+            loss = ncc_loss(vals, fv, mask)
+        elif m == "mi":
+            loss = mi_loss(vals, fv, mask, self.bins, (self.moving.vmin, self.moving.vmax) + self.franges)
+        elif m in ("lncc", "mind"):
+            if index is not None:
+                raise ValueError(f"{m} needs full sampling")
+            shape = grid.shape
+            a, b, mk = vals.reshape(shape), fv.reshape(shape), mask.reshape(shape)
+            loss = lncc_loss(a, b, mk, self.lncc_radius) if m == "lncc" else mind_loss(a, b, mk)
+        else:
+            raise ValueError(f"unknown metric {m!r}")
+        if self.reg_weight > 0 and not isinstance(self.transform.transforms[-1] if isinstance(self.transform, CompositeTransform) else self.transform, LinearTransform):
+            loss = loss + self.reg_weight * self.regularizer()
+        return loss
+
+    def regularizer(self) -> Tensor:
+        inner = self.transform.transforms[-1] if isinstance(self.transform, CompositeTransform) else self.transform
+        from .transforms import StationaryVelocityTransform
+
+        if isinstance(inner, StationaryVelocityTransform):
+            g = inner.field_grid
+            u = inner.velocity.T.reshape((g.ndim,) + g.shape)
+        elif isinstance(inner, GridSplineTransform):
+            g = inner.ctrl if isinstance(inner, GridSplineTransform) and inner.order == 1 else self.fixed.grid
+            disp = inner.basis_grid(g).apply(inner.coefficients) if inner.order == 3 else inner.coefficients
+            u = disp.T.reshape((g.ndim,) + g.shape).to(torch.float32)
+        else:
+            return torch.zeros(())
+        return REGULARIZERS[self.reg_kind](u, g.spacing)

@@ -1,0 +1,119 @@
+"""Gauss-Newton with Levenberg-Marquardt damping (PPIR Algorithm 1).
+
+Each iteration needs one objective evaluation (one round of the joint-product seam).
+With full sampling a step is accepted only if the cost decreased (else the damping grows);
+with stochastic sampling (URS/GMS) every step is taken, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..objectives import Evaluation, JointObjective
+
+F64 = torch.float64
+
+
+@dataclass
+class GNOptions:
+    max_iter: int = 100
+    tol_mm: float = 1e-3  # stop when the RMS point displacement of a step is below this
+    damping: float = 1e-3  # initial Levenberg-Marquardt factor (relative to diag(H))
+    cg_iter: int = 60
+    max_step_mm: float = 0.0  # 0 = no cap; else rescale steps whose max displacement exceeds it
+
+
+def _solve(ev: Evaluation, mu: float, cg_iter: int) -> Tensor:
+    g = ev.grad.to(F64)
+    if ev.hess is not None:
+        h = ev.hess.to(F64)
+        diag = torch.diagonal(h).clamp(min=0)
+        scale = float(diag.mean()) if diag.numel() else 1.0
+        a = h + torch.diag(mu * diag + 1e-9 * max(scale, 1e-30))
+        try:
+            return -torch.linalg.solve(a, g)
+        except RuntimeError:
+            return -torch.linalg.lstsq(a, g[:, None]).solution[:, 0]
+    # matrix-free preconditioned conjugate gradients
+    diag = ev.hess_diag.to(F64).clamp(min=0)
+    reg = mu * diag + 1e-9 * float(diag.mean() + 1e-30)
+    precond = 1.0 / (diag + reg)
+
+    def op(v: Tensor) -> Tensor:
+        return ev.hess_matvec(v) + reg * v
+
+    x = torch.zeros_like(g)
+    r = -g - op(x)
+    z = precond * r
+    p = z.clone()
+    rz = float(r @ z)
+    r0 = math.sqrt(float(r @ r)) + 1e-30
+    for _ in range(cg_iter):
+        ap = op(p)
+        alpha = rz / max(float(p @ ap), 1e-300)
+        x = x + alpha * p
+        r = r - alpha * ap
+        if math.sqrt(float(r @ r)) < 1e-4 * r0:
+            break
+        z = precond * r
+        rz_new = float(r @ z)
+        p = z + (rz_new / max(rz, 1e-300)) * p
+        rz = rz_new
+    return x
+
+
+def step_displacement(objective: JointObjective, ev: Evaluation, delta: Tensor) -> Tensor:
+    """Displacement (N, d) of the sampled points caused by a parameter step."""
+    jac = objective.model.chain()
+    dvec = delta if jac is None else jac @ delta
+    d = objective.model.ndim
+    return ev.basis.apply(dvec.reshape(-1, d)) @ objective.model.outer_linear.T
+
+
+def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None], stochastic: bool,
+                 options: GNOptions, log: Callable[[dict], None] | None = None) -> dict:
+    """Minimise ``objective``; ``draw(iteration)`` gives the point indices of each iteration."""
+    model = objective.model
+    mu = options.damping
+    it = 0
+    ev = objective.evaluate(draw(0))
+    evals = 1
+    converged = False
+    last_step = float("nan")
+    while it < options.max_iter:
+        delta = _solve(ev, mu, options.cg_iter)
+        disp = step_displacement(objective, ev, delta)
+        norms = torch.linalg.norm(disp, dim=1)
+        if options.max_step_mm > 0 and float(norms.max()) > options.max_step_mm:
+            f = options.max_step_mm / float(norms.max())
+            delta, norms = delta * f, norms * f
+        last_step = float(torch.sqrt((norms**2).mean()))
+        model.update(delta)
+        it += 1
+        new = objective.evaluate(draw(it))
+        evals += 1
+        if not stochastic and not (new.value <= ev.value):
+            model.update(-delta)  # reject: restore and damp more
+            mu = min(mu * 4.0, 1e8)
+            if log:
+                log({"iteration": it, "value": ev.value, "step_mm": last_step, "accepted": False, "damping": mu})
+            if mu >= 1e8 or last_step < options.tol_mm:
+                converged = last_step < options.tol_mm
+                break
+            continue
+        if not stochastic:
+            mu = max(mu / 3.0, 1e-7)
+        ev = new
+        if log:
+            log({"iteration": it, "value": ev.value, "step_mm": last_step, "accepted": True, "damping": mu,
+                 "points": ev.num_points})
+        if last_step < options.tol_mm:
+            converged = True
+            break
+    return {"iterations": it, "evaluations": evals, "final_value": ev.value, "converged": converged,
+            "last_step_mm": last_step}

@@ -1,0 +1,289 @@
+"""The registration workflow: one multi-resolution loop for every metric, optimiser and backend.
+
+Party 1's view: it owns the moving image and theta; the fixed image is reached only through a
+:class:`~privreg.joint.JointBackend` (Gauss-Newton on SSD/MI), except for autograd metrics,
+which are clear-only and take the fixed image directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .grid import Grid
+from .image import Image, normalize_intensity, resample
+from .joint import ClearBackend, FixedSide, JointBackend, PyramidLevel, level_image
+from .objectives import AutogradObjective, JointObjective, MovingLevel, ParamModel
+from .optim import FirstOrderOptions, GNOptions, gauss_newton
+from .optim.first_order import minimize_autograd, register_owner
+from .sampling import Sampling
+from .transforms import (BSplineTransform, CompositeTransform, DisplacementFieldTransform, LinearTransform,
+                         StationaryVelocityTransform, Transform, make_linear)
+
+LINEAR = ("translation", "rigid", "similarity", "affine")
+NONLINEAR = ("bspline", "displacement", "svf")
+METRICS = ("ssd", "ncc", "lncc", "mi", "mind")
+OPTIMIZERS = ("auto", "gn", "lbfgs", "adam", "gd")
+
+
+@dataclass
+class RegistrationConfig:
+    """Everything that defines a registration run (all public: both parties may know it)."""
+
+    transform: str = "affine"
+    metric: str = "ssd"
+    optimizer: str = "auto"
+    levels: Sequence[float] = (4, 2, 1)
+    sigmas: Sequence[float] | None = None  # mm per level; default 0.5 * factor * min spacing
+    max_iter: int | Sequence[int] = 100
+    tol_mm: float = 1e-3
+    sampling: Sampling = field(default_factory=Sampling)
+    bins: int = 32
+    grid_spacing: float = 10.0  # mm, B-spline control points / displacement & SVF field spacing
+    reg_weight: float = 0.0
+    reg_kind: str = "bending"
+    init: str = "geometry"  # geometry | moments | identity
+    normalize: bool = True
+    lr: float = 0.5
+
+    def validate(self) -> None:
+        if self.transform not in LINEAR + NONLINEAR:
+            raise InputError(f"--transform must be one of {LINEAR + NONLINEAR}, got {self.transform!r}")
+        if self.metric not in METRICS:
+            raise InputError(f"--metric must be one of {METRICS}, got {self.metric!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.init not in ("geometry", "moments", "identity"):
+            raise InputError(f"--init must be geometry, moments or identity, got {self.init!r}")
+        if not self.levels or any(f < 1 for f in self.levels):
+            raise InputError("levels must be shrink factors >= 1")
+        if self.metric in ("lncc", "mind") and self.sampling.mode != "full":
+            raise InputError(f"{self.metric} needs full sampling")
+
+    def pyramid(self, grid: Grid) -> list[PyramidLevel]:
+        sig = self.sigmas
+        if sig is None:
+            sig = [0.5 * f * min(grid.spacing) if f > 1 else 0.0 for f in self.levels]
+        if len(sig) != len(self.levels):
+            raise InputError("give one smoothing sigma per level")
+        return [PyramidLevel(float(f), float(s)) for f, s in zip(self.levels, sig)]
+
+    def iterations(self, level: int) -> int:
+        if isinstance(self.max_iter, int):
+            return self.max_iter
+        return int(self.max_iter[level])
+
+    def uses_seam(self) -> bool:
+        opt = self.optimizer
+        if opt == "auto":
+            return self.metric in ("ssd", "mi") and self.transform != "svf"
+        return opt == "gn"
+
+
+@dataclass
+class RegistrationResult:
+    transform: Transform
+    warped: Image
+    history: list[dict]
+    report: dict
+
+
+def check_pair(fixed: Image, moving: Image) -> None:
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"fixed image is {fixed.ndim}D but moving image is {moving.ndim}D")
+    fixed.check_finite("fixed image")
+    moving.check_finite("moving image")
+    if float(fixed.data.max() - fixed.data.min()) <= 0:
+        raise InputError("fixed image is constant")
+    if float(moving.data.max() - moving.data.min()) <= 0:
+        raise InputError("moving image is constant")
+
+
+def check_mask(mask: Image | None, name: str) -> None:
+    if mask is not None and not bool((mask.data > 0).any()):
+        raise InputError(f"{name} is empty")
+
+
+def initial_linear(kind: str, fixed_grid: Grid, moving: Image, fixed: Image | None, how: str,
+                   initial: Transform | None) -> LinearTransform:
+    """Initial linear transform about the fixed grid centre (ITK's centred initialiser)."""
+    center = fixed_grid.center()
+    if isinstance(initial, LinearTransform):
+        return make_linear(kind, fixed_grid.ndim, center, initial)
+    t = make_linear(kind, fixed_grid.ndim, center)
+    if how == "identity":
+        return t
+    if how == "moments" and fixed is not None:
+        shift = _centroid(moving) - _centroid(fixed)
+    else:
+        shift = moving.grid.center() - fixed_grid.center()
+    off = 1 if kind == "translation" else (1 if fixed_grid.ndim == 2 else 3)
+    with torch.no_grad():
+        if kind == "translation":
+            t.theta.copy_(shift)
+        elif kind == "affine":
+            t.theta[-fixed_grid.ndim:] = shift
+        else:
+            t.theta[off: off + fixed_grid.ndim] = shift
+    return t
+
+
+def _centroid(img: Image) -> Tensor:
+    w = (img.data - img.data.min()).reshape(-1).to(torch.float64)
+    pts = img.grid.points(torch.float64)
+    return (pts * w[:, None]).sum(0) / w.sum().clamp(min=1e-12)
+
+
+def build_transform(cfg: RegistrationConfig, fixed_grid: Grid, moving: Image, fixed: Image | None,
+                    initial: Transform | None) -> Transform:
+    if cfg.transform in LINEAR:
+        return initial_linear(cfg.transform, fixed_grid, moving, fixed, cfg.init, initial)
+    outer: list[Transform] = []
+    if initial is not None:
+        outer = list(initial.transforms) if isinstance(initial, CompositeTransform) else [initial]
+    if cfg.transform == "bspline":
+        inner: Transform = BSplineTransform.for_domain(fixed_grid, cfg.grid_spacing)
+    else:
+        fg = fixed_grid.downsample(max(1.0, cfg.grid_spacing / min(fixed_grid.spacing)))
+        inner = DisplacementFieldTransform(fg) if cfg.transform == "displacement" else StationaryVelocityTransform(fg)
+    return CompositeTransform(outer + [inner]) if outer else inner
+
+
+def _param_scales(transform: Transform, grid: Grid) -> Tensor | None:
+    inner = transform.transforms[-1] if isinstance(transform, CompositeTransform) else transform
+    if not isinstance(inner, LinearTransform):
+        return None
+    pts = grid.points(torch.float64)[:: max(1, grid.numel // 4096)]
+    phi = inner.basis(pts)  # (N, P)
+    jac = inner.dense_jacobian().reshape(grid.ndim, grid.ndim + 1, -1)  # (k, j, n)
+    motion = torch.einsum("ij,kjn->ikn", phi, jac)  # (N, k, n)
+    return torch.sqrt((motion**2).sum(1).mean(0)).clamp(min=1e-6)
+
+
+def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend, cfg: RegistrationConfig,
+                          fixed_candidates: Callable[[int, Grid], Tensor] | None = None,
+                          moving_mask: Image | None = None, initial: Transform | None = None,
+                          progress: Callable[[str], None] | None = None, fixed: Image | None = None,
+                          fixed_mask: Image | None = None) -> RegistrationResult:
+    """Party 1's registration loop. ``fixed`` is only used by autograd metrics (clear only)."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    cpu0 = time.process_time()
+    levels = cfg.pyramid(fixed_grid)
+    mov = Image(normalize_intensity(moving.data) if cfg.normalize else moving.data, moving.grid)
+    transform = build_transform(cfg, fixed_grid, mov, fixed, initial)
+    register_owner(transform)
+    history: list[dict] = []
+    level_reports = []
+    seam = cfg.uses_seam()
+    if not seam and fixed is None:
+        raise InputError(f"metric {cfg.metric} with optimizer {cfg.optimizer} needs both images (clear only)")
+    for li, lev in enumerate(levels):
+        grid = fixed_grid.downsample(lev.factor)
+        mgrid = moving.grid.downsample(lev.factor)
+        mlev = MovingLevel.build(level_image(mov, mgrid, lev), _level_mask(moving_mask, mgrid))
+        cand = fixed_candidates(li, grid) if fixed_candidates else torch.arange(grid.numel)
+        if cand.numel() < 16:
+            raise InputError("the fixed mask is empty at this resolution")
+        t0 = time.perf_counter()
+
+        def log(rec: dict, li=li) -> None:
+            rec = {"level": li, **rec}
+            history.append(rec)
+            if progress and (rec["iteration"] % 10 == 0 or rec["iteration"] == 1):
+                progress(f"level {li + 1}/{len(levels)} it {rec['iteration']:4d} cost {rec['value']:.6g}")
+
+        if seam:
+            model = ParamModel(transform)
+            obj = JointObjective(cfg.metric, model, mlev, grid, backend, cfg.bins, cfg.reg_weight, cfg.reg_kind)
+            obj.start(li)
+            draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel)
+            tol = cfg.tol_mm * (lev.factor if cfg.sampling.mode == "full" else 1.0)
+            out = gauss_newton(obj, draw, cfg.sampling.stochastic,
+                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol), log)
+        else:
+            fl = Image(level_image(fixed, grid, lev).data, grid)
+            fm = None
+            if fixed_candidates is not None:
+                fm = torch.zeros(grid.numel, dtype=torch.bool)
+                fm[cand] = True
+            obj = AutogradObjective(cfg.metric, transform, mlev, fl, fm, cfg.bins, cfg.reg_weight, cfg.reg_kind)
+            theta = transform.theta
+            method = cfg.optimizer if cfg.optimizer != "auto" else ("lbfgs" if not cfg.sampling.stochastic else "adam")
+
+            def loss_fn(it: int, li=li, cand=cand) -> Tensor:
+                idx = None if cfg.sampling.mode == "full" and cand.numel() == grid.numel else cfg.sampling.draw(cand, li, it, None if cfg.sampling.mode != "gms" else torch.ones(cand.numel()))
+                return obj.loss(idx)
+
+            out = minimize_autograd(loss_fn, theta, _param_scales(transform, grid),
+                                    FirstOrderOptions(method=method, max_iter=cfg.iterations(li), lr=cfg.lr), log)
+        out.update({"level": li, "factor": lev.factor, "sigma_mm": lev.sigma_mm, "grid_size": list(grid.size),
+                    "seconds": time.perf_counter() - t0})
+        level_reports.append(out)
+    warped = resample(moving, fixed_grid, transform.eval())
+    report = {
+        "transform": cfg.transform, "metric": cfg.metric, "optimizer": "gn" if seam else cfg.optimizer,
+        "sampling": {"mode": cfg.sampling.mode, "fraction": cfg.sampling.fraction, "seed": cfg.sampling.seed},
+        "levels": level_reports, "iterations": sum(r["iterations"] for r in level_reports),
+        "wall_seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - cpu0,
+        "final_value": level_reports[-1]["final_value"],
+    }
+    return RegistrationResult(transform, warped, history, report)
+
+
+def _level_mask(mask: Image | None, grid: Grid) -> Image | None:
+    if mask is None:
+        return None
+    return resample(Image((mask.data > 0).float(), mask.grid), grid, mode="nearest")
+
+
+def _drawer(sampling: Sampling, cand: Tensor, level: int, obj: JointObjective, full: bool):
+    def draw(it: int) -> Tensor | None:
+        if sampling.mode == "full":
+            return None if full else cand
+        w = obj.gradient_magnitude()[cand] if sampling.mode == "gms" else None
+        return sampling.draw(cand, level, it, w)
+
+    return draw
+
+
+def mask_candidates(fixed_mask: Image | None, cfg_levels: list[PyramidLevel], fixed_grid: Grid):
+    if fixed_mask is None:
+        return None
+
+    def cand(li: int, grid: Grid) -> Tensor:
+        m = _level_mask(fixed_mask, grid)
+        return torch.nonzero(m.data.reshape(-1) > 0)[:, 0]
+
+    return cand
+
+
+def register(fixed: Image, moving: Image, transform: str = "affine", metric: str = "ssd",
+             fixed_mask: Image | None = None, moving_mask: Image | None = None,
+             initial: Transform | None = None, progress: Callable[[str], None] | None = None,
+             **options) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` in the clear (ANTsPy-like convenience API).
+
+    Args:
+        transform: translation | rigid | similarity | affine | bspline | displacement | svf.
+        metric: ssd | ncc | lncc | mi | mind.
+        options: any :class:`RegistrationConfig` field (levels, optimizer, sampling, ...).
+    Returns:
+        :class:`RegistrationResult` with the transform (fixed -> moving points), the moving image
+        warped onto the fixed grid, the per-iteration history and a report dict.
+    """
+    check_pair(fixed, moving)
+    check_mask(fixed_mask, "fixed mask")
+    check_mask(moving_mask, "moving mask")
+    cfg = RegistrationConfig(transform=transform, metric=metric, **options)
+    cfg.validate()
+    levels = cfg.pyramid(fixed.grid)
+    fside = FixedSide(fixed, levels, cfg.normalize)
+    backend = ClearBackend(fside)
+    return register_with_backend(moving, fixed.grid, backend, cfg, mask_candidates(fixed_mask, levels, fixed.grid),
+                                 moving_mask, initial, progress, fixed=fside.fixed, fixed_mask=fixed_mask)

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from privreg.errors import InputError
+from privreg.grid import Grid
+from privreg.image import Image, read_image, resample, sample, write_image
+from privreg.transforms import TranslationTransform
+
+
+def rotated_grid():
+    q, _ = torch.linalg.qr(torch.tensor([[1.0, 0.3, 0.1], [0.2, 1.0, -0.2], [0.1, 0.1, 1.0]], dtype=torch.float64))
+    return Grid((7, 9, 5), (1.5, 0.8, 2.5), (10.0, -3.0, 4.0), tuple(q.reshape(-1).tolist()))
+
+
+def test_world_index_roundtrip_matches_sitk():
+    g = rotated_grid()
+    img = sitk.Image(list(g.size), sitk.sitkFloat32)
+    img.SetSpacing(g.spacing), img.SetOrigin(g.origin), img.SetDirection(g.direction)
+    idx = torch.tensor([[1.0, 2.0, 3.0], [6.0, 0.0, 4.0]], dtype=torch.float64)
+    ours = g.index_to_world(idx)
+    theirs = torch.tensor([img.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in idx], dtype=torch.float64)
+    assert torch.allclose(ours, theirs, atol=1e-9)
+    assert torch.allclose(g.world_to_index(ours), idx, atol=1e-9)
+
+
+def test_points_order_matches_array_order():
+    g = rotated_grid()
+    pts = g.points(torch.float64).reshape(g.shape + (3,))
+    # tensor element [k, j, i] sits at index (i, j, k)
+    assert torch.allclose(pts[2, 3, 4], g.index_to_world(torch.tensor([[4.0, 3.0, 2.0]], dtype=torch.float64))[0])
+
+
+def test_nifti_roundtrip_keeps_geometry(tmp_path):
+    g = rotated_grid()
+    img = Image(torch.rand(g.shape), g)
+    write_image(img, tmp_path / "x.nii.gz")
+    back = read_image(tmp_path / "x.nii.gz")
+    assert back.grid.same_as(g, tol=1e-4)
+    assert torch.allclose(back.data, img.data)
+
+
+@pytest.mark.parametrize("ext", [".mha", ".nrrd", ".nii"])
+def test_formats(tmp_path, ext):
+    g = Grid((6, 5, 4), (1.0, 2.0, 3.0), (1.0, 2.0, 3.0))
+    img = Image(torch.arange(120, dtype=torch.float32).reshape(g.shape), g)
+    write_image(img, tmp_path / f"x{ext}")
+    back = read_image(tmp_path / f"x{ext}")
+    assert back.grid.same_as(g) and torch.equal(back.data, img.data)
+
+
+def test_png_rgb_is_read_as_scalar_2d(t1_slice):
+    assert t1_slice.ndim == 2 and t1_slice.data.shape == (217, 181)
+
+
+def test_dicom_file_and_series(tmp_path):
+    arr = (np.arange(4 * 6 * 5).reshape(4, 6, 5) % 50).astype(np.int16)
+    vol = sitk.GetImageFromArray(arr)
+    vol.SetSpacing((0.5, 0.7, 2.0))
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(arr.shape[0]):
+        sl = vol[:, :, k]
+        sl.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1")  # series UID
+        sl.SetMetaData("0020|0032", f"0\\0\\{2.0 * k}")  # image position
+        sl.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        sl.SetMetaData("0020|0013", str(k))
+        sl.SetMetaData("0028|0030", "0.7\\0.5")
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(series / f"s{k}.dcm"))
+        w.Execute(sl)
+    one = read_image(series / "s1.dcm")
+    assert one.ndim == 2 and torch.equal(one.data, torch.from_numpy(arr[1].astype(np.float32)))
+    vol3 = read_image(series)
+    assert vol3.ndim == 3 and vol3.data.shape == (4, 6, 5)
+    assert abs(vol3.grid.spacing[2] - 2.0) < 1e-3
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "missing.nii.gz")
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read"):
+        read_image(bad)
+    g = Grid((4, 4))
+    data = torch.zeros(4, 4)
+    data[1, 1] = float("nan")
+    write_image(Image(data, g), tmp_path / "nan.mha")
+    with pytest.raises(InputError, match="NaN"):
+        read_image(tmp_path / "nan.mha")
+
+
+def test_sample_and_resample_translation():
+    g = Grid((20, 16), (2.0, 1.0), (5.0, -2.0))
+    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(20.0), indexing="ij")
+    img = Image(3 * x + 2 * y, g)  # linear in index: linear interpolation is exact
+    t = TranslationTransform(2, [2.0, 1.0])  # one voxel in x and y
+    out = resample(img, g, t)
+    assert torch.allclose(out.data[:-1, :-1], img.data[1:, 1:], atol=1e-4)
+    vals, inside = sample(img.data, g, torch.tensor([[6.0, -1.5]]))
+    assert inside.all() and abs(float(vals[0]) - (3 * 0.5 + 2 * 0.5)) < 1e-4
