@@ -109,11 +109,24 @@ class JointBackend(ABC):
         """Release resources (sockets, processes)."""
 
 
-def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384) -> CrossResult:
-    """Plain-text evaluation of the seam's products (used by the clear backend and by tests)."""
+def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins: Tensor | None = None) -> CrossResult:
+    """Plain-text evaluation of the seam's products (used by the clear backend and by tests).
+
+    ``v_bins`` (N,) may be given when V is one-hot (MI's zero-order window): V[i] = e_{v_bins[i]};
+    the products are then scatter-adds instead of matrix products (same result).
+    """
     u = u.to(torch.float64)
     v = v.to(torch.float64)
     a, b = u.shape[1], v.shape[1]
+    if v_bins is not None and isinstance(basis, DenseBasis):
+        total = torch.zeros(b, a, dtype=torch.float64).index_add_(0, v_bins, u).T
+        phi = basis.matrix.to(torch.float64)
+        p = phi.shape[1]
+        out = torch.zeros(b, p * a, dtype=torch.float64)
+        for s in range(0, u.shape[0], chunk):
+            w = (phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a)
+            out.index_add_(0, v_bins[s:s + chunk], w)
+        return CrossResult(out.T.reshape(p, a, b), total)
     total = u.T @ v
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
@@ -133,10 +146,12 @@ class ClearBackend(JointBackend):
     def __init__(self, fixed_side: FixedSide) -> None:
         self.fixed_side = fixed_side
         self.v: Tensor | None = None
+        self.v_bins: Tensor | None = None
         self.stats = BackendStats()
 
     def start_level(self, level: int, spec: FeatureSpec) -> None:
         self.v = self.fixed_side.features(level, spec)
+        self.v_bins = self.v.argmax(1) if spec.kind == "mi" else None
 
     def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
         if self.v is None:
@@ -145,7 +160,8 @@ class ClearBackend(JointBackend):
 
         t0 = time.perf_counter()
         v = self.v if index is None else self.v[index]
-        res = cross_product(u, v, basis)
+        bins = None if self.v_bins is None else (self.v_bins if index is None else self.v_bins[index])
+        res = cross_product(u, v, basis, v_bins=bins)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return res
