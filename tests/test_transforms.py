@@ -24,8 +24,6 @@ def _random_linear(kind, g, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         t.theta.add_(0.05 * torch.randn(t.theta.shape, generator=gen, dtype=F64))
-        if kind != "translation":
-            pass
         t.theta.data[-g.ndim:] += torch.randn(g.ndim, generator=gen, dtype=F64) if kind == "affine" else 0
     return t
 

@@ -22,6 +22,7 @@ registration loop knows which backend runs.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -118,24 +119,24 @@ def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins
     u = u.to(torch.float64)
     v = v.to(torch.float64)
     a, b = u.shape[1], v.shape[1]
-    if v_bins is not None and isinstance(basis, DenseBasis):
-        total = torch.zeros(b, a, dtype=torch.float64).index_add_(0, v_bins, u).T
+
+    def reduce(w: Tensor, s: int, out: Tensor) -> None:
+        """out (b, k) += V[s:s+len(w)]^T w for a chunk w (n, k)."""
+        if v_bins is None:
+            out += v[s:s + w.shape[0]].T @ w
+        else:
+            out.index_add_(0, v_bins[s:s + w.shape[0]], w)
+
+    total = torch.zeros(b, a, dtype=torch.float64)
+    reduce(u, 0, total)
+    total = total.T
+    if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
         p = phi.shape[1]
         out = torch.zeros(b, p * a, dtype=torch.float64)
         for s in range(0, u.shape[0], chunk):
-            w = (phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a)
-            out.index_add_(0, v_bins[s:s + chunk], w)
+            reduce((phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a), s, out)
         return CrossResult(out.T.reshape(p, a, b), total)
-    total = u.T @ v
-    if isinstance(basis, DenseBasis):
-        phi = basis.matrix.to(torch.float64)
-        p = phi.shape[1]
-        out = torch.zeros(p * a, b, dtype=torch.float64)
-        for s in range(0, u.shape[0], chunk):
-            w = (phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a)
-            out += w.T @ v[s:s + chunk]
-        return CrossResult(out.reshape(p, a, b), total)
     uv = (u[:, :, None] * v[:, None, :]).reshape(u.shape[0], a * b)
     return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
 
@@ -156,8 +157,6 @@ class ClearBackend(JointBackend):
     def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
         if self.v is None:
             raise RuntimeError("start_level must be called before cross")
-        import time
-
         t0 = time.perf_counter()
         v = self.v if index is None else self.v[index]
         bins = None if self.v_bins is None else (self.v_bins if index is None else self.v_bins[index])

@@ -26,7 +26,7 @@ def _check(fixed: Tensor, moving: Tensor, minimum: int) -> tuple[Tensor, Tensor]
 
 def rigid_landmarks(fixed: Tensor, moving: Tensor, scaling: bool = False) -> AffineTransform:
     """Least-squares rigid (or similarity) fit via Kabsch/Umeyama."""
-    f, m = _check(fixed, moving, fixed.shape[1] if hasattr(fixed, "shape") else 3)
+    f, m = _check(fixed, moving, torch.as_tensor(fixed).shape[-1])
     cf, cm = f.mean(0), m.mean(0)
     x, y = f - cf, m - cm
     u, s, vh = torch.linalg.svd(y.T @ x)
@@ -35,7 +35,7 @@ def rigid_landmarks(fixed: Tensor, moving: Tensor, scaling: bool = False) -> Aff
     r = u @ torch.diag(dfix) @ vh
     scale = float((s * dfix).sum() / (x**2).sum()) if scaling else 1.0
     a = scale * r
-    return AffineTransform(f.shape[1], a, cm - a @ cf + 0 * cf, None)
+    return AffineTransform(f.shape[1], a, cm - a @ cf, None)
 
 
 def affine_landmarks(fixed: Tensor, moving: Tensor) -> AffineTransform:

@@ -296,7 +296,7 @@ class AutogradObjective:
             g = inner.field_grid
             u = inner.velocity.T.reshape((g.ndim,) + g.shape)
         elif isinstance(inner, GridSplineTransform):
-            g = inner.ctrl if isinstance(inner, GridSplineTransform) and inner.order == 1 else self.fixed.grid
+            g = inner.ctrl if inner.order == 1 else self.fixed.grid
             disp = inner.basis_grid(g).apply(inner.coefficients) if inner.order == 3 else inner.coefficients
             u = disp.T.reshape((g.ndim,) + g.shape).to(torch.float32)
         else:
