@@ -36,6 +36,14 @@ def _add_register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_secure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer before giving up")
+    p.add_argument("--reveal-gms-indices", action="store_true",
+                   help="allow GMS: its points (from the moving image's gradients) are sent to the fixed party")
+    if not any(a.dest == "pki" for a in p._actions):
+        p.add_argument("--pki", default=None, help="certificate directory (ca.pem, ROLE.pem, ROLE.key)")
+
+
 def _config_kwargs(a: argparse.Namespace) -> dict:
     from .sampling import Sampling
 
@@ -61,8 +69,8 @@ def write_outputs(out: Path, fixed, moving, result, reference_grid) -> None:
     name = "transform.h5" if rest else "transform.tfm"
     save_transform(result.transform, out / name, reference_grid)
     write_image(result.warped, out / "warped.nii.gz")
-    before = resample(moving, fixed.grid)
-    save_qc(fixed, before, result.warped, out / "qc.png")
+    before = resample(moving, reference_grid)
+    save_qc(fixed, before, result.warped, out / "qc.png")  # fixed is None for party 1 of a private run
     report = dict(result.report)
     report["transform_file"] = name
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -145,6 +153,78 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secure_register(a: argparse.Namespace) -> int:
+    from .image import read_image
+    from .outputs import atomic_outdir
+    from .register import RegistrationConfig
+    from .secure.launch import local_parties
+    from .secure.parties import run_moving_party
+    from .secure.session import check_secure_config
+
+    if a.protocol != "mpc":
+        from .errors import InputError
+
+        raise InputError(f"protocol {a.protocol!r} is not available yet (only mpc)")
+    if a.fixed_mask:
+        from .errors import InputError
+
+        raise InputError("--fixed-mask is not supported in private registration (the mask is party 2's data)")
+    moving = read_image(a.moving)
+    moving.check_finite("moving image")
+    cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
+    cfg.validate()
+    check_secure_config(cfg, a.reveal_gms_indices)
+    progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    with atomic_outdir(a.outdir) as tmp, local_parties(a.fixed, a.timeout) as peers:
+        res, grid = run_moving_party(moving, peers["fixed"], peers["dealer"], peers["pki"], cfg, a.timeout,
+                                     a.reveal_gms_indices, progress)
+        write_outputs(tmp, None, moving, res, grid)
+    if not a.quiet:
+        s = res.report["secure"]["summary"]
+        print(f"done: {res.report['iterations']} iterations, {res.report['wall_seconds']:.2f} s, "
+              f"{s['moving_online_MB_per_iteration']:.3f} MB online per iteration -> {a.outdir}")
+    return 0
+
+
+def cmd_party(a: argparse.Namespace) -> int:
+    from .secure.parties import party_main
+
+    if a.role == "moving":
+        from .image import read_image
+        from .outputs import atomic_outdir
+        from .register import RegistrationConfig
+        from .secure.parties import run_moving_party
+
+        if not a.outdir or not a.connect or not a.dealer or not a.image:
+            from .errors import InputError
+
+            raise InputError("party moving needs MOVING, -o OUTDIR, --connect HOST:PORT and --dealer HOST:PORT")
+        moving = read_image(a.image)
+        moving.check_finite("moving image")
+        cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
+        progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+        with atomic_outdir(a.outdir) as tmp:
+            res, grid = run_moving_party(moving, a.connect, a.dealer, a.pki, cfg, a.timeout, a.reveal_gms_indices,
+                                         progress)
+            write_outputs(tmp, None, moving, res, grid)
+        return 0
+    return party_main("fixed", a.image, a.listen, None, a.dealer, a.pki, a.timeout)
+
+
+def cmd_dealer(a: argparse.Namespace) -> int:
+    from .secure.parties import party_main
+
+    return party_main("dealer", None, a.listen, None, None, a.pki, a.timeout)
+
+
+def cmd_certs(a: argparse.Namespace) -> int:
+    from .net.pki import make_pki
+
+    make_pki(a.directory, days=a.days)
+    print(f"CA and certificates for moving, fixed, dealer in {a.directory} (give each party ca.pem and its own pair)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -172,6 +252,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="reference image (grid) for transform statistics")
     e.add_argument("-o", "--output")
     e.set_defaults(func=cmd_evaluate)
+    sr = sub.add_parser("secure-register", help="private registration: spawns party 2 and the dealer on localhost")
+    _add_register_args(sr)
+    _add_secure_args(sr)
+    sr.add_argument("--protocol", default="mpc", choices=["mpc", "fhe-v1", "fhe-v2"])
+    sr.set_defaults(func=cmd_secure_register)
+    pa = sub.add_parser("party", help="run one party of a private registration (two machines)")
+    pa.add_argument("role", choices=["moving", "fixed"])
+    pa.add_argument("image", help="this party's image")
+    pa.add_argument("-o", "--outdir", help="output directory (moving party)")
+    pa.add_argument("--listen", help="HOST:PORT to listen on (fixed party; port 0 = any)")
+    pa.add_argument("--connect", help="HOST:PORT of the fixed party (moving party)")
+    pa.add_argument("--dealer", help="HOST:PORT of the dealer")
+    for flag, kw in (("--transform", dict(default="affine", choices=["translation", "rigid", "similarity", "affine", "bspline"])),
+                     ("--metric", dict(default="ssd", choices=["ssd", "mi"])),
+                     ("--optimizer", dict(default="auto", choices=["auto", "gn"])),
+                     ("--levels", dict(default="4,2,1")), ("--sigmas", dict(default=None)),
+                     ("--iterations", dict(default="100")), ("--tol", dict(type=float, default=1e-3)),
+                     ("--sampling", dict(default="full", choices=["full", "urs", "gms"])),
+                     ("--sampling-fraction", dict(type=float, default=0.1)), ("--seed", dict(type=int, default=0)),
+                     ("--bins", dict(type=int, default=32)), ("--grid-spacing", dict(type=float, default=10.0)),
+                     ("--reg-weight", dict(type=float, default=0.0)), ("--reg", dict(default="bending")),
+                     ("--init", dict(default="geometry"))):
+        pa.add_argument(flag, **kw)
+    pa.add_argument("--quiet", action="store_true")
+    _add_secure_args(pa)
+    pa.set_defaults(func=cmd_party)
+    de = sub.add_parser("dealer", help="run the dealer (correlated randomness; sees no image data)")
+    de.add_argument("--listen", required=True, help="HOST:PORT (port 0 = any; printed as LISTENING PORT)")
+    de.add_argument("--pki", required=True, help="directory with ca.pem, dealer.pem, dealer.key")
+    de.add_argument("--timeout", type=float, default=120.0)
+    de.set_defaults(func=cmd_dealer)
+    ce = sub.add_parser("certs", help="create a CA and certificates for the three roles")
+    ce.add_argument("directory")
+    ce.add_argument("--days", type=int, default=30)
+    ce.set_defaults(func=cmd_certs)
     d = sub.add_parser("demo", help="run the demo on bundled sample data")
     d.add_argument("-o", "--outdir", default="out/demo")
     d.set_defaults(func=cmd_demo)

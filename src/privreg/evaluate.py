@@ -82,7 +82,7 @@ def jacobian_stats(transform: Transform, grid: Grid, mask: Tensor | None = None)
     u = disp.T.reshape((grid.ndim,) + grid.shape)
     det = jacobian_determinant(u, grid.spacing)
     if mask is not None:
-        det = det[mask.bool()]
+        det = det[mask.reshape(det.shape).bool()]
     det = det.reshape(-1)
     return {"min": float(det.min()), "max": float(det.max()), "mean": float(det.mean()), "std": float(det.std()),
             "folding_percent": 100.0 * float((det <= 0).double().mean())}

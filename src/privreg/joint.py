@@ -106,6 +106,10 @@ class JointBackend(ABC):
     def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
         """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b]."""
 
+    def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
+        """Told which sample (level, draw iteration) the next ``cross`` uses; secure backends send
+        this key instead of the indices (URS points follow from the public seed)."""
+
     def close(self) -> None:
         """Release resources (sockets, processes)."""
 

@@ -31,8 +31,22 @@ def checkerboard(a: Tensor, b: Tensor, tiles: int = 8) -> Tensor:
     return torch.where((yy + xx) % 2 == 0, a, b)
 
 
-def save_qc(fixed: Image, before: Image, after: Image, path: str | os.PathLike) -> None:
-    """Write a 2x2 PNG: checkerboard and red/green overlay, before and after (mid slice in 3D)."""
+def save_qc(fixed: Image | None, before: Image, after: Image, path: str | os.PathLike) -> None:
+    """Write a 2x2 PNG: checkerboard and red/green overlay, before and after (mid slice in 3D).
+
+    Without the fixed image (party 1 of a private run) it shows the moving image on the fixed
+    grid before and after registration, side by side.
+    """
+    if fixed is None:
+        fig, ax = plt.subplots(1, 2, figsize=(8, 4))
+        for x, img, title in ((ax[0], before, "moving before"), (ax[1], after, "moving after (on the fixed grid)")):
+            x.imshow(_norm(_mid(img)).numpy(), cmap="gray")
+            x.set_title(title)
+            x.axis("off")
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
     f, b, a = _norm(_mid(fixed)), _norm(_mid(before)), _norm(_mid(after))
     fig, ax = plt.subplots(2, 2, figsize=(8, 8))
     for col, (img, title) in enumerate(((b, "before"), (a, "after"))):

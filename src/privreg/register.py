@@ -48,7 +48,7 @@ class RegistrationConfig:
     reg_weight: float = 0.0
     reg_kind: str = "bending"
     init: str = "geometry"  # geometry | moments | identity
-    normalize: bool = True
+    normalize: bool | None = None  # None: rescale to [0, 1] for mi/ncc/lncc/mind, keep SSD's shared scale
     lr: float = 0.5
 
     def validate(self) -> None:
@@ -62,6 +62,8 @@ class RegistrationConfig:
             raise InputError(f"--init must be geometry, moments or identity, got {self.init!r}")
         if not self.levels or any(f < 1 for f in self.levels):
             raise InputError("levels must be shrink factors >= 1")
+        if self.normalize is None:
+            self.normalize = self.metric != "ssd"
         if self.metric in ("lncc", "mind") and self.sampling.mode != "full":
             raise InputError(f"{self.metric} needs full sampling")
 
@@ -205,7 +207,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel)
             tol = cfg.tol_mm * (lev.factor if cfg.sampling.mode == "full" else 1.0)
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
-                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol), log)
+                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing)), log)
         else:
             fl = Image(level_image(fixed, grid, lev).data, grid)
             fm = None
@@ -243,11 +245,17 @@ def _level_mask(mask: Image | None, grid: Grid) -> Image | None:
 
 
 def _drawer(sampling: Sampling, cand: Tensor, level: int, obj: JointObjective, full: bool):
+    cache: dict[str, Tensor] = {}
+
     def draw(it: int) -> Tensor | None:
         if sampling.mode == "full":
             return None if full else cand
-        w = obj.gradient_magnitude()[cand] if sampling.mode == "gms" else None
-        return sampling.draw(cand, level, it, w)
+        key = it if sampling.redraw else 0
+        if "idx" not in cache or sampling.redraw:
+            w = obj.gradient_magnitude()[cand] if sampling.mode == "gms" else None
+            cache["idx"] = sampling.draw(cand, level, key, w)
+        obj.backend.note_sample(level, key, cache["idx"])
+        return cache["idx"]
 
     return draw
 

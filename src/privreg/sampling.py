@@ -1,8 +1,9 @@
 """Which fixed-grid points take part in an iteration: full, URS or GMS.
 
 URS (uniformly random selection, Viola & Wells; Mattes) and GMS (gradient-magnitude sampling,
-Sabuncu & Ramadge) redraw ``count`` points every iteration from a generator seeded by
-(seed, level, iteration), so a private run with the same seed uses the same points as a clear
+Sabuncu & Ramadge) draw ``fraction`` of the points from a generator seeded by (seed, level,
+iteration) - every iteration (``redraw``, stochastic steps as in the paper) or once per level
+(``redraw=False``: a fixed subset as in ITK's Mattes MI, so Gauss-Newton can use LM steps) - so a private run with the same seed uses the same points as a clear
 one. URS depends on nothing but the seed; GMS depends on party 1's image gradients.
 """
 
@@ -21,6 +22,7 @@ class Sampling:
     mode: str = "full"
     fraction: float = 0.1
     seed: int = 0
+    redraw: bool = True  # False: draw once per level and keep the points (deterministic cost, LM steps)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -30,7 +32,7 @@ class Sampling:
 
     @property
     def stochastic(self) -> bool:
-        return self.mode != "full"
+        return self.mode != "full" and self.redraw
 
     def generator(self, level: int, iteration: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + level * 10_007 + iteration) % (2**63))
@@ -46,7 +48,7 @@ class Sampling:
             return candidates
         n = max(16, int(round(self.fraction * candidates.numel())))
         n = min(n, candidates.numel())
-        gen = self.generator(level, iteration)
+        gen = self.generator(level, iteration if self.redraw else 0)
         if self.mode == "urs":
             pick = torch.randperm(candidates.numel(), generator=gen)[:n]
         else:

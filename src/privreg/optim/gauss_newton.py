@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..objectives import Evaluation, JointObjective
 
 F64 = torch.float64
@@ -95,9 +96,14 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
         last_step = float(torch.sqrt((norms**2).mean()))
         model.update(delta)
         it += 1
-        new = objective.evaluate(draw(it))
+        try:
+            new = objective.evaluate(draw(it))
+        except InputError:
+            if stochastic:
+                raise
+            new = None  # the step left the overlap: reject it like a cost increase
         evals += 1
-        if not stochastic and not (new.value <= ev.value):
+        if not stochastic and (new is None or not (new.value <= ev.value)):
             model.update(-delta)  # reject: restore and damp more
             mu = min(mu * 4.0, 1e8)
             if log:

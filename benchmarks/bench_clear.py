@@ -1,0 +1,346 @@
+"""Clear-registration benchmark: privreg vs SimpleITK, ITKElastix, ANTsPy (and DIPY) in one run.
+
+Cases with known ground truth, made from ../shared/data (ICBM 2009a at 2 mm, 99x117x95):
+  affine3d_mono   ICBM T1 warped by a known affine (6 deg, 4 % shear, ~4 mm shift)
+  affine3d_multi  the same T1 (fixed) vs a synthetic T2-like contrast (moving, from the GM/WM maps)
+  bspline3d       ICBM T1 warped by a known cubic B-spline field (max 5 mm)
+  affine2d        121x121 T1 slice warped by a known affine
+and the real inter-subject benchmark Colin27 -> MNI152 (mean AAL Dice over 116 labels).
+
+Error = mean |T(x) - T_true(x)| over the fixed brain (mm). Each peer runs with its defaults,
+2 threads. Prints one table per case with ratios (peer / privreg) and writes JSON.
+
+Usage:  python benchmarks/bench_clear.py [--cases affine3d_mono,...] [--peers sitk,elastix,ants,dipy]
+                                         [--json out/bench_clear.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from privreg.demo import known_bspline  # noqa: E402
+from privreg.evaluate import dice, jacobian_stats  # noqa: E402
+from privreg.grid import Grid  # noqa: E402
+from privreg.image import Image, read_image, resample, smooth, to_sitk, write_image  # noqa: E402
+from privreg.register import register  # noqa: E402
+from privreg.sampling import Sampling  # noqa: E402
+from privreg.transforms import AffineTransform, Transform  # noqa: E402
+
+torch.set_num_threads(2)
+sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
+F64 = torch.float64
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- cases
+def known_affine(grid: Grid, seed: int = 0, deg: float = 6.0, shift: float = 4.0) -> AffineTransform:
+    gen = torch.Generator().manual_seed(seed)
+    d = grid.ndim
+    a = torch.eye(d, dtype=F64) + 0.04 * torch.randn(d, d, generator=gen, dtype=F64)
+    ang = torch.deg2rad(torch.tensor(deg, dtype=F64))
+    rot = torch.eye(d, dtype=F64)
+    rot[0, 0], rot[0, 1], rot[1, 0], rot[1, 1] = torch.cos(ang), -torch.sin(ang), torch.sin(ang), torch.cos(ang)
+    return AffineTransform(d, rot @ a, shift * torch.randn(d, generator=gen, dtype=F64), grid.center())
+
+
+def at_2mm(img: Image) -> Image:
+    grid = img.grid.downsample(2.0)
+    return resample(Image(smooth(img.data, img.grid, 0.85), img.grid), grid)
+
+
+def synthetic_t2(t1: Image, gm: Image, wm: Image) -> Image:
+    """T2-like contrast: CSF bright, GM mid, WM dark, by a non-monotonic map of the T1 intensities.
+
+    The tissue maps give each class's mean T1 intensity; the map sends CSF -> 1.0, GM -> 0.6,
+    WM -> 0.3 (piecewise linear, background stays 0). Built from the T1 itself, the pair is exactly
+    aligned: contrasts painted voxel-wise from the ICBM GM/WM maps are not (MI puts their optimum
+    0.3-2 mm away from the T1's), so they cannot serve as ground truth at 0.1 mm.
+    """
+    g, w, x = gm.data.clamp(0, 1), wm.data.clamp(0, 1), t1.data
+    brain = smooth(g + w, gm.grid, 2.0) > 0.5
+    m_csf = float(x[brain & (g + w < 0.1)].median())
+    m_gm, m_wm = float(x[g > 0.9].median()), float(x[w > 0.9].median())
+    knots_x = torch.tensor([0.0, m_csf, m_gm, m_wm, float(x.max())], dtype=x.dtype)
+    knots_y = torch.tensor([0.0, 1.0, 0.6, 0.3, 0.2], dtype=x.dtype)
+    k = torch.bucketize(x.clamp(0, float(x.max())), knots_x[1:-1])
+    x0, x1, y0, y1 = knots_x[k], knots_x[k + 1], knots_y[k], knots_y[k + 1]
+    data = y0 + (y1 - y0) * (x.clamp(min=0) - x0) / (x1 - x0).clamp(min=1e-6)
+    return Image(data * 1000, t1.grid)
+
+
+def make_cases(names: list[str]) -> dict[str, dict]:
+    cases = {}
+    if any(n.startswith(("affine3d", "bspline3d")) for n in names):
+        t1 = at_2mm(read_image(DATA / "brain3d/icbm2009_t1.nii.gz"))
+        gm = at_2mm(read_image(DATA / "brain3d/icbm2009_gm.nii.gz"))
+        wm = at_2mm(read_image(DATA / "brain3d/icbm2009_wm.nii.gz"))
+        brain = Image(((gm.data + wm.data) > 0.5).float(), t1.grid)
+        aff = known_affine(t1.grid)
+        for name, moving in (("affine3d_mono", t1), ("affine3d_multi", synthetic_t2(t1, gm, wm))):
+            if name in names:
+                cases[name] = dict(fixed=resample(t1, t1.grid, aff), moving=moving, truth=aff,
+                                   mask=resample(brain, t1.grid, aff, mode="nearest").data.reshape(-1) > 0, kind="affine",
+                                   multimodal=name.endswith("multi"))
+        if "bspline3d" in names:
+            field = known_bspline(t1.grid, 20.0, 5.0, seed=3)
+            cases["bspline3d"] = dict(fixed=resample(t1, t1.grid, field), moving=t1, truth=field,
+                                      mask=resample(brain, t1.grid, field, mode="nearest").data.reshape(-1) > 0,
+                                      kind="deformable", multimodal=False)
+    if "affine2d" in names:
+        sl = read_image(Path(__file__).resolve().parents[1] / "src/privreg/data/BrainT1Slice.png")
+        g = sl.grid
+        sp = tuple(s * (n - 1) / 120 for s, n in zip(g.spacing, g.size))
+        grid = Grid((121, 121), sp, g.origin, g.direction)
+        img = resample(Image(smooth(sl.data, g, 0.5 * sp[0]), g), grid)
+        aff = known_affine(grid, seed=2, deg=5.0, shift=3.0)
+        fixed = resample(img, grid, aff)
+        cases["affine2d"] = dict(fixed=fixed, moving=img, truth=aff,
+                                 mask=fixed.data.reshape(-1) > 0.05 * float(fixed.data.max()), kind="affine", multimodal=False)
+    return cases
+
+
+# ------------------------------------------------------------------------- utilities
+def error_from_points(mapped: np.ndarray, case: dict) -> float:
+    """Mean |T(x) - T_true(x)| over the mask; ``mapped`` (N, d) = T(x) for all fixed voxels (C order)."""
+    grid = case["fixed"].grid
+    pts = grid.points(F64)
+    m = case["mask"]
+    true = case["truth"](pts[m]).detach()
+    return float(torch.linalg.norm(torch.as_tensor(mapped, dtype=F64)[m] - true, dim=1).mean())
+
+
+def mapped_from_displacement(field: sitk.Image, grid: Grid) -> np.ndarray:
+    """A displacement field on the fixed grid (sitk vector image) -> T(x) = x + u(x), (N, d)."""
+    u = sitk.GetArrayFromImage(field).reshape(-1, grid.ndim)
+    return grid.points(F64).numpy() + u
+
+
+def coordinate_images(moving: Image, tmp: Path) -> list[Path]:
+    """One image per axis whose value is the physical coordinate (moving grid, padded 20 voxels)."""
+    g = moving.grid
+    pad = 20
+    origin = g.index_to_world(torch.full((g.ndim,), -float(pad), dtype=F64))
+    big = Grid(tuple(n + 2 * pad for n in g.size), g.spacing, tuple(float(v) for v in origin), g.direction)
+    pts = big.points(F64)
+    paths = []
+    for k in range(g.ndim):
+        p = tmp / f"coord{k}.nii.gz"
+        write_image(Image(pts[:, k].reshape(big.shape).float(), big), p)
+        paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------------------- peers
+def run_privreg(case: dict, tmp: Path) -> dict:
+    f, m = case["fixed"], case["moving"]
+    t0 = time.perf_counter()
+    if case["kind"] == "affine":
+        if case["multimodal"]:  # Mattes-style fixed random subset (10 %) per level
+            res = register(f, m, "affine", "mi", levels=(4, 2, 1), max_iter=100, tol_mm=1e-4,
+                           sampling=Sampling("urs", 0.1, seed=0, redraw=False))
+        else:
+            res = register(f, m, "affine", "ssd", levels=(4, 2, 1) if f.ndim == 3 else (2, 1),
+                           max_iter=(50, 30, 15) if f.ndim == 3 else 50)
+    else:
+        res = register(f, m, "bspline", "ssd", grid_spacing=20.0, levels=(2, 1), max_iter=(30, 15))
+    dt = time.perf_counter() - t0
+    mapped = res.transform(f.grid.points(F64)).detach().numpy()
+    out = {"seconds": dt, "error_mm": error_from_points(mapped, case), "iterations": res.report["iterations"]}
+    if case["kind"] != "affine":
+        out["jacobian"] = jacobian_stats(res.transform, f.grid, case["mask"])
+    return out
+
+
+def run_sitk(case: dict, tmp: Path) -> dict:
+    f, m = to_sitk(case["fixed"], np.float32), to_sitk(case["moving"], np.float32)
+    reg = sitk.ImageRegistrationMethod()
+    if case["multimodal"]:
+        reg.SetMetricAsMattesMutualInformation(32)
+    else:
+        reg.SetMetricAsMeanSquares()
+    reg.SetInterpolator(sitk.sitkLinear)
+    t0 = time.perf_counter()
+    if case["kind"] == "affine":
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(f.GetDimension()),
+                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        reg.SetInitialTransform(init, inPlace=False)
+        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, 200)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1] if f.GetDimension() == 3 else [2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0] if f.GetDimension() == 3 else [1, 0])
+    else:
+        mesh = [max(1, int(sz * sp / 20.0)) for sz, sp in zip(f.GetSize(), f.GetSpacing())]
+        init = sitk.BSplineTransformInitializer(f, mesh, order=3)
+        reg.SetInitialTransform(init, inPlace=False)
+        reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100)
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    tx = reg.Execute(f, m)
+    dt = time.perf_counter() - t0
+    disp = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, f.GetSize(), f.GetOrigin(), f.GetSpacing(),
+                                             f.GetDirection())
+    return {"seconds": dt, "error_mm": error_from_points(mapped_from_displacement(disp, case["fixed"].grid), case)}
+
+
+def run_elastix(case: dict, tmp: Path) -> dict:
+    import itk
+
+    write_image(case["fixed"], tmp / "f.nii.gz")
+    write_image(case["moving"], tmp / "m.nii.gz")
+    f = itk.imread(str(tmp / "f.nii.gz"), itk.F)
+    m = itk.imread(str(tmp / "m.nii.gz"), itk.F)
+    po = itk.ParameterObject.New()
+    po.AddParameterMap(po.GetDefaultParameterMap("affine" if case["kind"] == "affine" else "bspline"))
+    t0 = time.perf_counter()
+    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, number_of_threads=2)
+    dt = time.perf_counter() - t0
+    cwd = os.getcwd()
+    os.chdir(tmp)  # transformix writes deformationField.nii into the working directory
+    try:
+        field = itk.transformix_deformation_field(m, params)
+    finally:
+        os.chdir(cwd)
+    u = itk.array_from_image(field).reshape(-1, case["fixed"].ndim)
+    mapped = case["fixed"].grid.points(F64).numpy() + u
+    return {"seconds": dt, "error_mm": error_from_points(mapped, case)}
+
+
+def run_ants(case: dict, tmp: Path) -> dict:
+    import ants
+
+    write_image(case["fixed"], tmp / "f.nii.gz")
+    write_image(case["moving"], tmp / "m.nii.gz")
+    f, m = ants.image_read(str(tmp / "f.nii.gz")), ants.image_read(str(tmp / "m.nii.gz"))
+    t0 = time.perf_counter()
+    out = ants.registration(f, m, type_of_transform="Affine" if case["kind"] == "affine" else "SyN")
+    dt = time.perf_counter() - t0
+    mapped = []
+    for p in coordinate_images(case["moving"], tmp):
+        w = ants.apply_transforms(f, ants.image_read(str(p)), transformlist=out["fwdtransforms"], interpolator="linear")
+        mapped.append(sitk.GetArrayFromImage(sitk.ReadImage(_ants_write(w, tmp))).reshape(-1))
+    return {"seconds": dt, "error_mm": error_from_points(np.stack(mapped, 1), case)}
+
+
+def _ants_write(img, tmp: Path) -> str:
+    p = str(tmp / "ants_out.nii.gz")
+    img.to_file(p)
+    return p
+
+
+def run_dipy(case: dict, tmp: Path) -> dict:
+    if case["kind"] != "affine" or case["fixed"].ndim != 3:
+        raise NotImplementedError("DIPY run only on the 3D affine cases")
+    import nibabel as nib
+    from dipy.align.imaffine import AffineRegistration, MutualInformationMetric, transform_centers_of_mass
+    from dipy.align.transforms import AffineTransform3D, RigidTransform3D, TranslationTransform3D
+
+    write_image(case["fixed"], tmp / "f.nii.gz")
+    write_image(case["moving"], tmp / "m.nii.gz")
+    fi, mi = nib.load(str(tmp / "f.nii.gz")), nib.load(str(tmp / "m.nii.gz"))
+    st, mv = fi.get_fdata(), mi.get_fdata()
+    t0 = time.perf_counter()
+    reg = AffineRegistration(metric=MutualInformationMetric(32, None), level_iters=[10000, 1000, 100],
+                             sigmas=[3.0, 1.0, 0.0], factors=[4, 2, 1], verbosity=0)
+    c = transform_centers_of_mass(st, fi.affine, mv, mi.affine)
+    x = c.affine
+    for tr in (TranslationTransform3D(), RigidTransform3D(), AffineTransform3D()):
+        x = reg.optimize(st, mv, tr, None, fi.affine, mi.affine, starting_affine=x).affine
+    dt = time.perf_counter() - t0
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
+    a = flip @ x @ flip
+    pts = case["fixed"].grid.points(F64).numpy()
+    mapped = pts @ a[:3, :3].T + a[:3, 3]
+    return {"seconds": dt, "error_mm": error_from_points(mapped, case)}
+
+
+PEERS = {"sitk": run_sitk, "elastix": run_elastix, "ants": run_ants, "dipy": run_dipy}
+
+
+# ------------------------------------------------------------------ Colin27 -> MNI152
+def colin_to_mni(peers: list[str], tmp: Path) -> dict:
+    fixed1 = read_image(DATA / "brain3d/mni152_t1.nii.gz")
+    moving1 = read_image(DATA / "brain3d/colin27_t1.nii.gz")
+    fl, ml = read_image(DATA / "brain3d/mni152_aal.nii.gz"), read_image(DATA / "brain3d/colin27_aal.nii.gz")
+    fixed, moving = at_2mm(fixed1), at_2mm(moving1)
+    labels = list(range(1, 117)) if len(torch.unique(fl.data)) > 100 else None
+    results = {}
+
+    def score(tx: Transform | None) -> float:
+        warped = resample(ml, fl.grid, tx, mode="nearest")
+        d = dice(fl.data.round().long(), warped.data.round().long(), labels)
+        return float(np.mean(list(d.values())))
+
+    results["none"] = {"dice": score(None)}
+    t0 = time.perf_counter()
+    aff = register(fixed, moving, "affine", "mi", levels=(4, 2, 1), max_iter=100, tol_mm=1e-4,
+                   sampling=Sampling("urs", 0.1, seed=0, redraw=False))
+    results["privreg_affine"] = {"dice": score(aff.transform), "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    defo = register(fixed, moving, "bspline", "ncc", optimizer="lbfgs", grid_spacing=10.0, levels=(2, 1),
+                    max_iter=(40, 20), reg_weight=0.1, initial=aff.transform)
+    mask = (fixed.data > 0).reshape(-1)
+    results["privreg_bspline"] = {"dice": score(defo.transform), "seconds": time.perf_counter() - t0,
+                                  "jacobian": jacobian_stats(defo.transform, fixed.grid, mask)}
+    return results
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="affine2d,affine3d_mono,affine3d_multi,bspline3d,colin_mni")
+    ap.add_argument("--peers", default="sitk,elastix,ants,dipy")
+    ap.add_argument("--json", default="out/bench_clear.json")
+    args = ap.parse_args()
+    names = args.cases.split(",")
+    peers = [p for p in args.peers.split(",") if p]
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        for name, case in make_cases(names).items():
+            print(f"\n== {name}: fixed {tuple(case['fixed'].grid.size)} @ {case['fixed'].grid.spacing[0]:.2f} mm")
+            row = {"privreg": run_privreg(case, tmp)}
+            for p in peers:
+                try:
+                    row[p] = PEERS[p](case, tmp)
+                except NotImplementedError:
+                    continue
+                except Exception as exc:  # a peer failing must not hide the others' numbers
+                    row[p] = {"failed": f"{type(exc).__name__}: {exc}"}
+            ref = row["privreg"]
+            print(f"{'method':10s} {'error mm':>9s} {'time s':>8s} {'err/privreg':>12s} {'time/privreg':>13s}")
+            for k, v in row.items():
+                if "failed" in v:
+                    print(f"{k:10s} failed: {v['failed']}")
+                    continue
+                print(f"{k:10s} {v['error_mm']:9.4f} {v['seconds']:8.2f} {v['error_mm'] / ref['error_mm']:12.2f} "
+                      f"{v['seconds'] / ref['seconds']:13.2f}")
+            results[name] = row
+        if "colin_mni" in names:
+            print("\n== Colin27 -> MNI152 (2 mm registration, Dice on the 1 mm MNI grid, 116 AAL labels)")
+            res = colin_to_mni(peers, tmp)
+            for k, v in res.items():
+                extra = f"  {v['seconds']:.1f} s" if "seconds" in v else ""
+                jac = f"  non-positive Jacobian {v['jacobian']['folding_percent']:.3f} %" if "jacobian" in v else ""
+                print(f"{k:18s} mean Dice {v['dice']:.4f}{extra}{jac}")
+            results["colin_mni"] = res
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

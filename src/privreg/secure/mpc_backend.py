@@ -1,0 +1,88 @@
+"""Party 1's side of the seam over two-party secret sharing (see :mod:`privreg.mpc.product`)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ..basis import Basis
+from ..errors import InputError
+from ..joint import BackendStats, CrossResult, FeatureSpec, JointBackend
+from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, int_cross, phi_bits
+from ..mpc.ring import Prg, encode
+from ..net.channel import Channel, PeerError
+
+
+class MPCBackend(JointBackend):
+    """Joint products by secret sharing with party 2 (fixed image) and a dealer (triples)."""
+
+    def __init__(self, to_fixed: Channel, to_dealer: Channel, key: bytes, sampling_mode: str,
+                 reveal_gms_indices: bool = False) -> None:
+        self.to_fixed, self.to_dealer = to_fixed, to_dealer
+        self.prg = Prg(key)
+        self.sampling_mode = sampling_mode
+        self.reveal = reveal_gms_indices
+        self.level = -1
+        self.calls = 0
+        self.sample_key: tuple[int, int] | None = None
+        self.vh: Tensor | None = None
+        self.stats = BackendStats()
+        self.per_call: list[dict] = []
+
+    def start_level(self, level: int, spec: FeatureSpec) -> None:
+        meta = {"level": level, "kind": spec.kind, "bins": spec.bins}
+        self.to_dealer.send("level", meta)
+        self.to_fixed.send("level", meta)
+        _, m, arr = self.to_fixed.recv("features")
+        self.vh, self.v_bits, self.v_range = arr["vh"], arr["v_bits"], int(m["v_range"])
+        self.level = level
+
+    def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
+        self.sample_key = (level, iteration)
+
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
+        if self.vh is None:
+            raise RuntimeError("start_level must be called before cross")
+        t0, c0 = time.perf_counter(), time.process_time()
+        sent0 = self.to_fixed.traffic.sent + self.to_dealer.traffic.sent
+        recv0 = self.to_fixed.traffic.received + self.to_dealer.traffic.received
+        pb = phi_bits(int(u.shape[0]), self.v_range)
+        phi = IntBasis.from_basis(basis, pb)
+        u_bits = column_bits(phi, u, self.v_range)
+        u_int = encode(u, u_bits)
+        call = self.calls
+        self.calls += 1
+        meta = {"call": call, "level": self.level, "a": int(u.shape[1]), "phi_bits": pb,
+                "digest": phi.digest()}
+        arrays = {}
+        if index is not None:
+            if self.sampling_mode == "gms":
+                if not self.reveal:
+                    raise InputError("GMS indices would be revealed to the fixed party (opt in with --reveal-gms-indices)")
+                arrays["index"] = index.to(torch.int32)
+            else:
+                meta["sample"] = list(self.sample_key) if self.sample_key else None
+        ra = self.prg.ring(f"Ra/{call}", tuple(u_int.shape))
+        t1 = self.prg.ring(f"t1/{call}", (LIMBS, phi.num_basis, u.shape[1], self.vh.shape[1]))
+        self.to_dealer.send("cross", meta, **arrays)
+        self.to_fixed.send("cross", meta, uh=u_int - ra, **arrays)
+        vh = self.vh if index is None else self.vh[index]
+        local = int_cross(phi, ra, vh)  # overlaps with party 2's work
+        _, m, reply = self.to_fixed.recv("reply")
+        if int(m.get("call", -1)) != call:
+            raise PeerError("fixed party answered a different call")
+        z = reply["z"]
+        if tuple(z.shape) != tuple(local.shape):
+            raise PeerError(f"fixed party sent a reply of shape {tuple(z.shape)}, expected {tuple(local.shape)}")
+        cross, total = decode_cross(z + t1 + local, u_bits, self.v_bits, phi)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        self.per_call.append({
+            "call": call, "points": int(u.shape[0]), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+            "bytes_sent": self.to_fixed.traffic.sent + self.to_dealer.traffic.sent - sent0,
+            "bytes_received": self.to_fixed.traffic.received + self.to_dealer.traffic.received - recv0,
+        })
+        return CrossResult(cross, total)

@@ -1,0 +1,110 @@
+"""What all parties agree on in public: the registration configuration, the fixed grid geometry,
+the public basis Phi of each call and the sampled points (URS from the shared seed).
+
+What each party learns (MPC protocol, see :mod:`privreg.mpc.product`):
+
+* party 1 (moving image, theta): the fixed grid geometry (size, spacing, origin, direction); per
+  level, a power-of-two bound of each feature column of party 2 (e.g. ceil(log2 max J)); per
+  seam call, the opened products: SSD - sum_i Phi_j m g_k J, sum Phi_j m I_w J, sum Phi_j m J,
+  sum Phi_j m J^2 (this is S^T J and the cost terms of the paper); MI - the joint histogram
+  A^T B and its derivative C^T B (eqs. 8-9), which include the histogram of J inside the overlap.
+* party 2 (fixed image J): the configuration, the sample keys (URS: level and iteration; the
+  points follow from the public seed) or, only with ``reveal_gms_indices``, the GMS point indices
+  (they depend on party 1's image gradients); every other value it receives is one-time padded.
+* dealer: the configuration, the geometry and the sample keys/indices; no image-derived value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..basis import Basis, DenseBasis
+from ..errors import InputError
+from ..grid import Grid
+from ..register import LINEAR, RegistrationConfig
+from ..sampling import Sampling
+from ..transforms import BSplineTransform
+
+F64 = torch.float64
+
+
+def config_to_dict(cfg: RegistrationConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["levels"] = list(cfg.levels)
+    d["sigmas"] = None if cfg.sigmas is None else list(cfg.sigmas)
+    d["max_iter"] = cfg.max_iter if isinstance(cfg.max_iter, int) else list(cfg.max_iter)
+    return d
+
+
+def config_from_dict(d: dict) -> RegistrationConfig:
+    d = dict(d)
+    d["sampling"] = Sampling(**d["sampling"])
+    d["levels"] = tuple(d["levels"])
+    if d.get("sigmas") is not None:
+        d["sigmas"] = tuple(d["sigmas"])
+    cfg = RegistrationConfig(**d)
+    cfg.validate()
+    return cfg
+
+
+def grid_to_dict(g: Grid) -> dict:
+    return {"size": list(g.size), "spacing": list(g.spacing), "origin": list(g.origin), "direction": list(g.direction)}
+
+
+def grid_from_dict(d: dict) -> Grid:
+    return Grid(tuple(int(x) for x in d["size"]), tuple(float(x) for x in d["spacing"]),
+                tuple(float(x) for x in d["origin"]), tuple(float(x) for x in d["direction"]))
+
+
+def check_secure_config(cfg: RegistrationConfig, reveal_gms_indices: bool) -> None:
+    if cfg.metric not in ("ssd", "mi"):
+        raise InputError(f"private registration supports --metric ssd or mi, got {cfg.metric!r}")
+    if cfg.transform not in LINEAR + ("bspline",):
+        raise InputError(f"private registration supports linear transforms and bspline, got {cfg.transform!r}")
+    if cfg.optimizer not in ("auto", "gn"):
+        raise InputError("private registration uses Gauss-Newton (--optimizer gn)")
+    if cfg.sampling.mode == "gms" and not reveal_gms_indices:
+        raise InputError("GMS picks points from the moving image's gradients; sending them to the fixed party "
+                         "leaks them. Use --sampling urs, or opt in with --reveal-gms-indices.")
+
+
+class PublicSession:
+    """The public part of a run that party 2 and the dealer rebuild from party 1's setup message."""
+
+    def __init__(self, cfg: RegistrationConfig, fixed_grid: Grid) -> None:
+        self.cfg, self.fixed_grid = cfg, fixed_grid
+        self.levels = cfg.pyramid(fixed_grid)
+        self._spline = (BSplineTransform.for_domain(fixed_grid, cfg.grid_spacing)
+                        if cfg.transform == "bspline" else None)
+
+    def level_grid(self, level: int) -> Grid:
+        return self.fixed_grid.downsample(self.levels[level].factor)
+
+    def index(self, level: int, meta: dict, arrays: dict) -> Tensor | None:
+        """The points of a call: explicit (revealed GMS), from the seed (URS) or all."""
+        if "index" in arrays:
+            idx = arrays["index"].to(torch.long)
+            n = self.level_grid(level).numel
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise InputError("sample index out of range")
+            return idx
+        key = meta.get("sample")
+        if key is None:
+            return None
+        grid = self.level_grid(level)
+        return self.cfg.sampling.draw(torch.arange(grid.numel), int(key[0]), int(key[1]))
+
+    def basis(self, level: int, index: Tensor | None) -> Basis:
+        """Phi at the call's points, exactly as party 1's ParamModel builds it."""
+        grid = self.level_grid(level)
+        if self._spline is not None:
+            full = self._spline.basis_grid(grid)
+            return full if index is None else full.rows(index)
+        pts = grid.points(F64)
+        if index is not None:
+            pts = pts[index]
+        c = self.fixed_grid.center().to(F64)
+        return DenseBasis(torch.cat([pts - c, torch.ones(pts.shape[0], 1, dtype=F64)], 1))
