@@ -1,9 +1,6 @@
 """Two-party secret sharing: ring arithmetic, the seam's product protocol, the channel, the party
 processes end to end (private == clear), faults and what is on the wire."""
 
-import math
-import socket
-import ssl
 import struct
 import threading
 import time

@@ -1,8 +1,7 @@
 import torch
 
-from privreg.demo import data_path, known_bspline
+from privreg.demo import data_path, known_affine, known_bspline
 from privreg.evaluate import mean_displacement_error
-from privreg.grid import Grid
 from privreg.image import Image, read_image, resample
 from privreg.register import register
 from privreg.sampling import Sampling
@@ -21,20 +20,9 @@ def test_recovers_13_17_shift_multimodal_mi():
     assert float(torch.linalg.norm(shift - torch.tensor([13.0, 17.0], dtype=F64))) < 0.05
 
 
-def _known_affine(grid, seed=0, deg=6.0, shift=4.0):
-    gen = torch.Generator().manual_seed(seed)
-    d = grid.ndim
-    a = torch.eye(d, dtype=F64) + 0.04 * torch.randn(d, d, generator=gen, dtype=F64)
-    ang = torch.deg2rad(torch.tensor(deg, dtype=F64))
-    rot = torch.eye(d, dtype=F64)
-    rot[0, 0], rot[0, 1], rot[1, 0], rot[1, 1] = torch.cos(ang), -torch.sin(ang), torch.sin(ang), torch.cos(ang)
-    t = shift * torch.randn(d, generator=gen, dtype=F64)
-    return AffineTransform(d, rot @ a, t, grid.center())
-
-
 def test_3d_affine_mono_and_multimodal(brain3d):
     """Known affine on a 4 mm brain, SSD (mono) and MI vs a synthetic contrast (multi)."""
-    truth = _known_affine(brain3d.grid)
+    truth = known_affine(brain3d.grid)
     fixed = resample(brain3d, brain3d.grid, truth)  # fixed(x) = moving(truth(x))
     mask = (fixed.data > 0.1 * fixed.data.max()).reshape(-1)
     res = register(fixed, brain3d, "affine", "ssd", levels=(2, 1))
@@ -60,7 +48,7 @@ def test_sampling_is_reproducible_and_registration_converges(t1_slice, pd_slice)
     cand = torch.arange(1000)
     assert torch.equal(s.draw(cand, 0, 3), s.draw(cand, 0, 3))
     assert not torch.equal(s.draw(cand, 0, 3), s.draw(cand, 0, 4))
-    truth = _known_affine(t1_slice.grid, seed=2, deg=4.0, shift=3.0)
+    truth = known_affine(t1_slice.grid, seed=2, deg=4.0, shift=3.0)
     fixed = resample(t1_slice, t1_slice.grid, truth)
     mask = (fixed.data > 0.05 * fixed.data.max()).reshape(-1)
     for mode in ("urs", "gms"):
@@ -69,7 +57,7 @@ def test_sampling_is_reproducible_and_registration_converges(t1_slice, pd_slice)
 
 
 def test_autograd_paths_lncc_svf_and_ncc_lbfgs(t1_slice):
-    truth = _known_affine(t1_slice.grid, seed=4, deg=3.0, shift=2.0)
+    truth = known_affine(t1_slice.grid, seed=4, deg=3.0, shift=2.0)
     fixed = resample(t1_slice, t1_slice.grid, truth)
     mask = (fixed.data > 0.05 * fixed.data.max()).reshape(-1)
     res = register(fixed, t1_slice, "affine", "ncc", max_iter=60)

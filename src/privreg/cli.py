@@ -14,6 +14,10 @@ def _add_register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("fixed", help="fixed image (NIfTI, MHA, NRRD, PNG, JPEG, DICOM file or series directory)")
     p.add_argument("moving", help="moving image")
     p.add_argument("-o", "--outdir", required=True, help="output directory")
+    _add_register_options(p)
+
+
+def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", default="affine",
                    choices=["translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf"])
     p.add_argument("--metric", default="ssd", choices=["ssd", "ncc", "lncc", "mi", "mind"])
@@ -40,8 +44,8 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer before giving up")
     p.add_argument("--reveal-gms-indices", action="store_true",
                    help="allow GMS: its points (from the moving image's gradients) are sent to the fixed party")
-    if not any(a.dest == "pki" for a in p._actions):
-        p.add_argument("--pki", default=None, help="certificate directory (ca.pem, ROLE.pem, ROLE.key)")
+    p.add_argument("--pki", default=None, help="certificate directory (ca.pem, ROLE.pem, ROLE.key); "
+                   "secure-register makes a fresh one")
 
 
 def _config_kwargs(a: argparse.Namespace) -> dict:
@@ -153,21 +157,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_secure_register(a: argparse.Namespace) -> int:
+def _run_moving_party(a: argparse.Namespace, peers):
+    """Party 1 of a private run: read MOVING, register through the MPC backend, write OUTDIR atomically.
+
+    ``peers`` is a context manager yielding {"fixed", "dealer", "pki"} (addresses and certificates)."""
+    from .errors import InputError
     from .image import read_image
     from .outputs import atomic_outdir
     from .register import RegistrationConfig
-    from .secure.launch import local_parties
     from .secure.parties import run_moving_party
     from .secure.session import check_secure_config
 
-    if a.protocol != "mpc":
-        from .errors import InputError
-
-        raise InputError(f"protocol {a.protocol!r} is not available yet (only mpc)")
-    if a.fixed_mask:
-        from .errors import InputError
-
+    if getattr(a, "fixed_mask", None):
         raise InputError("--fixed-mask is not supported in private registration (the mask is party 2's data)")
     moving = read_image(a.moving)
     moving.check_finite("moving image")
@@ -175,46 +176,49 @@ def cmd_secure_register(a: argparse.Namespace) -> int:
     cfg.validate()
     check_secure_config(cfg, a.reveal_gms_indices)
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    with atomic_outdir(a.outdir) as tmp, local_parties(a.fixed, a.timeout) as peers:
-        res, grid = run_moving_party(moving, peers["fixed"], peers["dealer"], peers["pki"], cfg, a.timeout,
+    with atomic_outdir(a.outdir) as tmp, peers as p:
+        res, grid = run_moving_party(moving, p["fixed"], p["dealer"], p["pki"], cfg, a.timeout,
                                      a.reveal_gms_indices, progress)
         write_outputs(tmp, None, moving, res, grid)
+    return res
+
+
+def cmd_secure_register(a: argparse.Namespace) -> int:
+    if a.protocol != "mpc":
+        from .errors import InputError
+
+        raise InputError(f"protocol {a.protocol!r} is not available yet (only mpc)")
+    from .secure.launch import local_parties
+
+    res = _run_moving_party(a, local_parties(a.fixed, a.timeout))
     if not a.quiet:
         s = res.report["secure"]["summary"]
         print(f"done: {res.report['iterations']} iterations, {res.report['wall_seconds']:.2f} s, "
-              f"{s['moving_online_MB_per_iteration']:.3f} MB online per iteration -> {a.outdir}")
+              f"{s['online_MB_per_iteration']:.3f} MB online per iteration -> {a.outdir}")
     return 0
 
 
 def cmd_party(a: argparse.Namespace) -> int:
+    from .errors import InputError
     from .secure.parties import party_main
 
+    if a.pki is None:
+        raise InputError("--pki DIR is required (create it with `privreg certs DIR`)")
     if a.role == "moving":
-        from .image import read_image
-        from .outputs import atomic_outdir
-        from .register import RegistrationConfig
-        from .secure.parties import run_moving_party
+        if not a.outdir or not a.connect or not a.dealer:
+            raise InputError("party moving needs -o OUTDIR, --connect HOST:PORT and --dealer HOST:PORT")
+        from contextlib import nullcontext
 
-        if not a.outdir or not a.connect or not a.dealer or not a.image:
-            from .errors import InputError
-
-            raise InputError("party moving needs MOVING, -o OUTDIR, --connect HOST:PORT and --dealer HOST:PORT")
-        moving = read_image(a.image)
-        moving.check_finite("moving image")
-        cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
-        progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-        with atomic_outdir(a.outdir) as tmp:
-            res, grid = run_moving_party(moving, a.connect, a.dealer, a.pki, cfg, a.timeout, a.reveal_gms_indices,
-                                         progress)
-            write_outputs(tmp, None, moving, res, grid)
+        a.moving = a.image
+        _run_moving_party(a, nullcontext({"fixed": a.connect, "dealer": a.dealer, "pki": a.pki}))
         return 0
-    return party_main("fixed", a.image, a.listen, None, a.dealer, a.pki, a.timeout)
+    return party_main("fixed", a.image, a.listen, a.dealer, a.pki, a.timeout)
 
 
 def cmd_dealer(a: argparse.Namespace) -> int:
     from .secure.parties import party_main
 
-    return party_main("dealer", None, a.listen, None, None, a.pki, a.timeout)
+    return party_main("dealer", None, a.listen, None, a.pki, a.timeout)
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
@@ -264,18 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--listen", help="HOST:PORT to listen on (fixed party; port 0 = any)")
     pa.add_argument("--connect", help="HOST:PORT of the fixed party (moving party)")
     pa.add_argument("--dealer", help="HOST:PORT of the dealer")
-    for flag, kw in (("--transform", dict(default="affine", choices=["translation", "rigid", "similarity", "affine", "bspline"])),
-                     ("--metric", dict(default="ssd", choices=["ssd", "mi"])),
-                     ("--optimizer", dict(default="auto", choices=["auto", "gn"])),
-                     ("--levels", dict(default="4,2,1")), ("--sigmas", dict(default=None)),
-                     ("--iterations", dict(default="100")), ("--tol", dict(type=float, default=1e-3)),
-                     ("--sampling", dict(default="full", choices=["full", "urs", "gms"])),
-                     ("--sampling-fraction", dict(type=float, default=0.1)), ("--seed", dict(type=int, default=0)),
-                     ("--bins", dict(type=int, default=32)), ("--grid-spacing", dict(type=float, default=10.0)),
-                     ("--reg-weight", dict(type=float, default=0.0)), ("--reg", dict(default="bending")),
-                     ("--init", dict(default="geometry"))):
-        pa.add_argument(flag, **kw)
-    pa.add_argument("--quiet", action="store_true")
+    _add_register_options(pa)
     _add_secure_args(pa)
     pa.set_defaults(func=cmd_party)
     de = sub.add_parser("dealer", help="run the dealer (correlated randomness; sees no image data)")

@@ -14,7 +14,7 @@ from .evaluate import mean_displacement_error
 from .image import read_image, resample
 from .outputs import atomic_outdir
 from .register import register
-from .transforms import BSplineTransform
+from .transforms import AffineTransform, BSplineTransform
 
 
 def data_path(name: str) -> Path:
@@ -31,6 +31,18 @@ def known_bspline(grid, spacing_mm: float, amplitude_mm: float, seed: int) -> BS
         peak = torch.linalg.norm(t.displacement(grid).double(), dim=1).max()
         t.coefficients.mul_(amplitude_mm / float(peak))
     return t
+
+
+def known_affine(grid, seed: int = 0, deg: float = 6.0, shift: float = 4.0) -> AffineTransform:
+    """A random affine about the grid centre: rotation ``deg`` in the first plane, 4 % shear/scale
+    noise and a Gaussian shift of ``shift`` mm per axis."""
+    gen = torch.Generator().manual_seed(seed)
+    d = grid.ndim
+    a = torch.eye(d, dtype=torch.float64) + 0.04 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+    ang = torch.deg2rad(torch.tensor(deg, dtype=torch.float64))
+    rot = torch.eye(d, dtype=torch.float64)
+    rot[0, 0], rot[0, 1], rot[1, 0], rot[1, 1] = torch.cos(ang), -torch.sin(ang), torch.sin(ang), torch.cos(ang)
+    return AffineTransform(d, rot @ a, shift * torch.randn(d, generator=gen, dtype=torch.float64), grid.center())
 
 
 def run_demo(outdir: str) -> int:

@@ -80,20 +80,10 @@ def decode(x: Tensor, frac_bits: Tensor | int) -> Tensor:
     return x.to(torch.float64) / scale
 
 
-def exponent_bound(x: Tensor, dim: int | None = None) -> Tensor:
-    """Smallest integer e >= 0 with |x| <= 2^e (per column if ``dim`` is given)."""
-    m = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
-    return torch.ceil(torch.log2(m.to(torch.float64).clamp(min=1.0))).to(I64)
-
-
 def share(x: Tensor) -> tuple[Tensor, Tensor]:
     """Additive shares of a ring tensor: x = s0 + s1 (mod 2^64), s0 uniform."""
     s0 = random_ring(tuple(x.shape))
     return s0, x - s0
-
-
-def reconstruct(s0: Tensor, s1: Tensor) -> Tensor:
-    return s0 + s1
 
 
 def truncate_shares(s0: Tensor, s1: Tensor, bits: int) -> tuple[Tensor, Tensor]:

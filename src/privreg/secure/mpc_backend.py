@@ -30,6 +30,7 @@ class MPCBackend(JointBackend):
         self.vh: Tensor | None = None
         self.stats = BackendStats()
         self.per_call: list[dict] = []
+        self._basis_cache: tuple | None = None
 
     def start_level(self, level: int, spec: FeatureSpec) -> None:
         meta = {"level": level, "kind": spec.kind, "bins": spec.bins}
@@ -49,21 +50,23 @@ class MPCBackend(JointBackend):
         sent0 = self.to_fixed.traffic.sent + self.to_dealer.traffic.sent
         recv0 = self.to_fixed.traffic.received + self.to_dealer.traffic.received
         pb = phi_bits(int(u.shape[0]), self.v_range)
-        phi = IntBasis.from_basis(basis, pb)
+        sample = list(self.sample_key) if index is not None and self.sample_key else None
+        key = (self.level, tuple(sample) if sample else None, pb)
+        if self._basis_cache is None or self._basis_cache[0] != key:
+            phi = IntBasis.from_basis(basis, pb)
+            self._basis_cache = (key, phi, phi.digest())
+        _, phi, digest = self._basis_cache
         u_bits = column_bits(phi, u, self.v_range)
         u_int = encode(u, u_bits)
         call = self.calls
         self.calls += 1
-        meta = {"call": call, "level": self.level, "a": int(u.shape[1]), "phi_bits": pb,
-                "digest": phi.digest()}
+        meta = {"call": call, "level": self.level, "a": int(u.shape[1]), "phi_bits": pb, "digest": digest,
+                "sample": sample}
         arrays = {}
-        if index is not None:
-            if self.sampling_mode == "gms":
-                if not self.reveal:
-                    raise InputError("GMS indices would be revealed to the fixed party (opt in with --reveal-gms-indices)")
-                arrays["index"] = index.to(torch.int32)
-            else:
-                meta["sample"] = list(self.sample_key) if self.sample_key else None
+        if index is not None and self.sampling_mode == "gms":
+            if not self.reveal:
+                raise InputError("GMS indices would be revealed to the fixed party (opt in with --reveal-gms-indices)")
+            arrays["index"] = index.to(torch.int32)
         ra = self.prg.ring(f"Ra/{call}", tuple(u_int.shape))
         t1 = self.prg.ring(f"t1/{call}", (LIMBS, phi.num_basis, u.shape[1], self.vh.shape[1]))
         self.to_dealer.send("cross", meta, **arrays)

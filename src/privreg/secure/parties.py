@@ -9,10 +9,8 @@ as an ``error`` message (best effort) and ends the process with a clear message.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,7 +18,7 @@ import torch
 from ..errors import InputError, PrivregError
 from ..image import Image, read_image
 from ..joint import FeatureSpec, FixedSide
-from ..mpc.product import LIMBS, IntBasis, encode_features, int_cross
+from ..mpc.product import LIMBS, encode_features, int_cross
 from ..mpc.ring import Prg, new_key
 from ..net.channel import Channel, Listener, PeerError, Traffic, connect
 from ..net.pki import tls_context
@@ -55,13 +53,6 @@ def _send_error(ch: Channel | None, exc: BaseException) -> None:
         ch.send("error", {"message": str(exc)})
     except Exception:  # noqa: BLE001 - the peer may be gone already
         pass
-
-
-def _phi_bits(meta: dict) -> int:
-    pb = int(meta.get("phi_bits", -1))
-    if not 8 <= pb <= 24:
-        raise PeerError(f"invalid basis precision {pb} from party 1")
-    return pb
 
 
 # ----------------------------------------------------------------------------- party 2
@@ -104,21 +95,16 @@ def run_fixed_party(fixed: Image, listen: str, dealer: str, pki: str, timeout: f
                 rb = prg.ring(f"Rb/{level}", tuple(v_int.shape))
                 moving.send("features", {"v_range": v_range}, vh=v_int - rb, v_bits=v_bits)
                 continue
-            index = session.index(level, meta, arr)
-            phi = IntBasis.from_basis(session.basis(level, index), _phi_bits(meta))
-            if phi.digest() != meta["digest"]:
-                raise PeerError("party 1's basis differs from the public one (configuration mismatch)")
+            index, phi = session.call_basis(level, meta, arr)
             uh = arr["uh"]
             if uh.dtype != torch.int64 or uh.dim() != 2 or uh.shape[0] != phi.num_points:
                 raise PeerError("malformed masked matrix from party 1")
             _, dm, darr = to_dealer.recv("t2")
             if int(dm["call"]) != int(meta["call"]):
                 raise PeerError("dealer and party 1 disagree on the call number")
-            if index is None:
-                z = int_cross(phi, uh, None if bins is not None else v_int, bins, v_int.shape[1])
-            else:
-                z = int_cross(phi, uh, None if bins is not None else v_int[index],
-                              None if bins is None else bins[index], v_int.shape[1])
+            rows = slice(None) if index is None else index
+            z = int_cross(phi, uh, None if bins is not None else v_int[rows],
+                          None if bins is None else bins[rows], v_int.shape[1])
             if tuple(darr["t2"].shape) != tuple(z.shape):
                 raise PeerError("dealer's correlated randomness has the wrong shape")
             moving.send("reply", {"call": meta["call"]}, z=z + darr["t2"])
@@ -171,10 +157,7 @@ def run_dealer(listen: str, pki: str, timeout: float = 120.0) -> dict:
             if call <= last_call:
                 raise PeerError("call numbers must increase (a triple is never reused)")
             last_call = call
-            index = session.index(level, meta, arr)
-            phi = IntBasis.from_basis(session.basis(level, index), _phi_bits(meta))
-            if phi.digest() != meta["digest"]:
-                raise PeerError("party 1's basis differs from the public one (configuration mismatch)")
+            index, phi = session.call_basis(level, meta, arr)
             a = int(meta["a"])
             ra = prg1.ring(f"Ra/{call}", (phi.num_points, a))
             t1 = prg1.ring(f"t1/{call}", (LIMBS, phi.num_basis, a, rb.shape[1]))
@@ -247,8 +230,7 @@ def _report(backend: MPCBackend, clock: _Clock, fixed_stats: dict, dealer_stats:
         "fixed": {k: v for k, v in fixed_stats.items()},
         "dealer": {k: v for k, v in dealer_stats.items()},
         "summary": {
-            "moving_online_MB_per_iteration": (online_p1 + online_p2) / calls / 1e6,
-            "fixed_online_MB_per_iteration": (online_p1 + online_p2) / calls / 1e6,
+            "online_MB_per_iteration": (online_p1 + online_p2) / calls / 1e6,
             "features_MB_per_run": per_level_p2 / 1e6,
             "dealer_offline_MB_per_iteration": dealer_to_p2 / calls / 1e6,
             "moving_seconds_per_iteration": backend.stats.seconds / calls,
@@ -257,8 +239,8 @@ def _report(backend: MPCBackend, clock: _Clock, fixed_stats: dict, dealer_stats:
     }
 
 
-def party_main(role: str, image_path: str | None, listen: str | None, connect_fixed: str | None,
-               dealer: str | None, pki: str, timeout: float) -> int:
+def party_main(role: str, image_path: str | None, listen: str | None, dealer: str | None, pki: str,
+               timeout: float) -> int:
     """Entry point of ``privreg party fixed`` and ``privreg dealer`` (party 1 runs via the CLI)."""
     try:
         if role == "dealer":

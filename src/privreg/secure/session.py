@@ -24,6 +24,8 @@ from torch import Tensor
 from ..basis import Basis, DenseBasis
 from ..errors import InputError
 from ..grid import Grid
+from ..mpc.product import IntBasis
+from ..net.channel import PeerError
 from ..register import LINEAR, RegistrationConfig
 from ..sampling import Sampling
 from ..transforms import BSplineTransform
@@ -79,6 +81,7 @@ class PublicSession:
         self.levels = cfg.pyramid(fixed_grid)
         self._spline = (BSplineTransform.for_domain(fixed_grid, cfg.grid_spacing)
                         if cfg.transform == "bspline" else None)
+        self._call_cache: tuple | None = None
 
     def level_grid(self, level: int) -> Grid:
         return self.fixed_grid.downsample(self.levels[level].factor)
@@ -96,6 +99,24 @@ class PublicSession:
             return None
         grid = self.level_grid(level)
         return self.cfg.sampling.draw(torch.arange(grid.numel), int(key[0]), int(key[1]))
+
+    def call_basis(self, level: int, meta: dict, arrays: dict) -> tuple[Tensor | None, IntBasis]:
+        """The points and encoded Phi of a seam call, checked against party 1's digest.
+
+        Built once per (level, sample key, precision) and reused: with full sampling or a fixed
+        subset that is once per level, not once per iteration (B-spline bases are costly)."""
+        pb = int(meta.get("phi_bits", -1))
+        if not 8 <= pb <= 24:
+            raise PeerError(f"invalid basis precision {pb} from party 1")
+        key = (level, tuple(meta["sample"]) if meta.get("sample") else None, pb)
+        if self._call_cache is None or self._call_cache[0] != key:
+            index = self.index(level, meta, arrays)
+            phi = IntBasis.from_basis(self.basis(level, index), pb)
+            self._call_cache = (key, index, phi, phi.digest())
+        _, index, phi, digest = self._call_cache
+        if digest != meta["digest"]:
+            raise PeerError("party 1's basis differs from the public one (configuration mismatch)")
+        return index, phi
 
     def basis(self, level: int, index: Tensor | None) -> Basis:
         """Phi at the call's points, exactly as party 1's ParamModel builds it."""
