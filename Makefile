@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_clear.py
+	$(PY) benchmarks/bench_ppir.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+from privreg.image import Image, resample, smooth, write_image
+from privreg.secure.launch import local_parties
+from privreg.secure.parties import run_moving_party
+
+F64 = torch.float64
+
 from privreg.demo import data_path
 from privreg.image import read_image
 
@@ -20,3 +26,44 @@ def pd_slice():
 @pytest.fixture(scope="session")
 def brain3d():
     return read_image(data_path("mni152_t1_4mm.nii.gz"))
+
+
+@pytest.fixture(scope="session")
+def pair2d(tmp_path_factory):
+    """A 128 x 128 T1 slice (moving) and its copy under a known affine (fixed), on disk."""
+    from privreg.demo import data_path
+
+    src = read_image(data_path("BrainT1Slice.png"))
+    grid = src.grid.downsample(2.0)
+    moving = resample(Image(smooth(src.data, src.grid, 1.0), src.grid), grid)
+    from privreg.transforms import AffineTransform
+
+    a = torch.tensor([[1.03, 0.05], [-0.06, 0.98]], dtype=F64)
+    truth = AffineTransform(2, a, torch.tensor([3.0, -2.0], dtype=F64), grid.center())
+    fixed = resample(moving, grid, truth)
+    from privreg.demo import known_bspline
+
+    field = known_bspline(grid, 24.0, 3.0, seed=2)
+    warped = resample(moving, grid, field)
+    d = tmp_path_factory.mktemp("pair")
+    write_image(fixed, d / "fixed.nii.gz")
+    write_image(warped, d / "fixed_bspline.nii.gz")
+    return {"fixed": fixed, "moving": moving, "fixed_path": str(d / "fixed.nii.gz"), "truth": truth,
+            "bspline": {"fixed": warped, "moving": moving, "fixed_path": str(d / "fixed_bspline.nii.gz"), "truth": field}}
+
+
+def _secure(pair, cfg, recorder=None, progress=None, timeout=60.0, protocol="mpc"):
+    """Run party 1 here against party 2 (and the dealer for MPC) spawned as processes."""
+    with local_parties(pair["fixed_path"], timeout, dealer=protocol == "mpc") as peers:
+        res, _ = run_moving_party(pair["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, timeout,
+                                  progress=progress, recorder=recorder, protocol=protocol)
+        procs = peers["processes"]
+    assert all(p.poll() is not None for p in procs)  # no process left behind
+    return res
+
+
+@pytest.fixture
+def secure_run():
+    return _secure
+
+

@@ -12,7 +12,6 @@ import torch
 from privreg.basis import DenseBasis, spline_basis_points
 from privreg.evaluate import displacement_rmse
 from privreg.grid import Grid
-from privreg.image import Image, read_image, resample, smooth, write_image
 from privreg.mpc.product import LIMBS, IntBasis, column_bits, decode_cross, encode_features, int_cross, phi_bits
 from privreg.mpc.ring import Prg, decode, encode, new_key, random_ring, share, truncate_shares
 from privreg.net.channel import Listener, PeerError, connect
@@ -194,49 +193,16 @@ def test_silent_peer_times_out(tmp_path):
 
 
 # --------------------------------------------------------------- processes, end to end
-@pytest.fixture(scope="module")
-def pair2d(tmp_path_factory):
-    """A 128 x 128 T1 slice (moving) and its copy under a known affine (fixed), on disk."""
-    from privreg.demo import data_path
-
-    src = read_image(data_path("BrainT1Slice.png"))
-    grid = src.grid.downsample(2.0)
-    moving = resample(Image(smooth(src.data, src.grid, 1.0), src.grid), grid)
-    from privreg.transforms import AffineTransform
-
-    a = torch.tensor([[1.03, 0.05], [-0.06, 0.98]], dtype=F64)
-    truth = AffineTransform(2, a, torch.tensor([3.0, -2.0], dtype=F64), grid.center())
-    fixed = resample(moving, grid, truth)
-    from privreg.demo import known_bspline
-
-    field = known_bspline(grid, 24.0, 3.0, seed=2)
-    warped = resample(moving, grid, field)
-    d = tmp_path_factory.mktemp("pair")
-    write_image(fixed, d / "fixed.nii.gz")
-    write_image(warped, d / "fixed_bspline.nii.gz")
-    return {"fixed": fixed, "moving": moving, "fixed_path": str(d / "fixed.nii.gz"), "truth": truth,
-            "bspline": {"fixed": warped, "moving": moving, "fixed_path": str(d / "fixed_bspline.nii.gz"), "truth": field}}
-
-
-def _secure(pair, cfg, recorder=None, progress=None, timeout=60.0):
-    with local_parties(pair["fixed_path"], timeout) as peers:
-        res, _ = run_moving_party(pair["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, timeout,
-                                  progress=progress, recorder=recorder)
-        procs = peers["processes"]
-    assert all(p.poll() is not None for p in procs)  # no process left behind
-    return res
-
-
 @pytest.mark.parametrize("transform,metric,sampling", [
     ("affine", "ssd", Sampling("full")),
     ("affine", "ssd", Sampling("urs", 0.2, seed=5)),
     ("rigid", "mi", Sampling("full")),
 ])
-def test_private_registration_equals_clear(pair2d, transform, metric, sampling):
+def test_private_registration_equals_clear(pair2d, secure_run, transform, metric, sampling):
     kw = dict(transform=transform, metric=metric, levels=(2, 1), max_iter=30, sampling=sampling, grid_spacing=24.0)
     clear = register(pair2d["fixed"], pair2d["moving"], **kw)
     recorder: list = []
-    private = _secure(pair2d, RegistrationConfig(**kw), recorder)
+    private = secure_run(pair2d, RegistrationConfig(**kw), recorder)
     grid = pair2d["fixed"].grid
     assert displacement_rmse(private.transform, clear.transform, grid) < 0.01
     assert private.report["iterations"] == clear.report["iterations"]
@@ -258,7 +224,7 @@ def test_private_registration_equals_clear(pair2d, transform, metric, sampling):
             assert abs(np.corrcoef(col, j)[0, 1]) < 0.05
 
 
-def test_private_bspline_recovers_a_known_field(pair2d):
+def test_private_bspline_recovers_a_known_field(pair2d, secure_run):
     """Cubic B-spline FFD, SSD, Gauss-Newton in MPC: the known field is found as well as in the clear.
 
     (Point-for-point equality with the clear run is not reached yet for B-splines: the fixed-point
@@ -269,7 +235,7 @@ def test_private_bspline_recovers_a_known_field(pair2d):
 
     case = pair2d["bspline"]
     kw = dict(transform="bspline", metric="ssd", levels=(2, 1), max_iter=30, grid_spacing=24.0, reg_weight=0.01)
-    private = _secure(case, RegistrationConfig(**kw))
+    private = secure_run(case, RegistrationConfig(**kw))
     clear = register(case["fixed"], case["moving"], **kw)
     grid = case["fixed"].grid
     mask = (case["fixed"].data > 0.05 * case["fixed"].data.max()).reshape(-1)

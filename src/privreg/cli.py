@@ -41,6 +41,8 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", default="mpc", choices=["mpc", "fhe-v1", "fhe-v2"],
+                   help="mpc: secret sharing with a dealer; fhe-v1: CKKS, party 2 keeps the key (party 1 chooses)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer before giving up")
     p.add_argument("--reveal-gms-indices", action="store_true",
                    help="allow GMS: its points (from the moving image's gradients) are sent to the fixed party")
@@ -158,7 +160,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _run_moving_party(a: argparse.Namespace, peers):
-    """Party 1 of a private run: read MOVING, register through the MPC backend, write OUTDIR atomically.
+    """Party 1 of a private run: read MOVING, register through the MPC or CKKS backend, write OUTDIR atomically.
 
     ``peers`` is a context manager yielding {"fixed", "dealer", "pki"} (addresses and certificates)."""
     from .errors import InputError
@@ -174,23 +176,23 @@ def _run_moving_party(a: argparse.Namespace, peers):
     moving.check_finite("moving image")
     cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
     cfg.validate()
-    check_secure_config(cfg, a.reveal_gms_indices)
+    check_secure_config(cfg, a.reveal_gms_indices or a.protocol != "mpc")
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     with atomic_outdir(a.outdir) as tmp, peers as p:
-        res, grid = run_moving_party(moving, p["fixed"], p["dealer"], p["pki"], cfg, a.timeout,
-                                     a.reveal_gms_indices, progress)
+        res, grid = run_moving_party(moving, p["fixed"], p.get("dealer"), p["pki"], cfg, a.timeout,
+                                     a.reveal_gms_indices, progress, protocol=a.protocol)
         write_outputs(tmp, None, moving, res, grid)
     return res
 
 
 def cmd_secure_register(a: argparse.Namespace) -> int:
-    if a.protocol != "mpc":
+    if a.protocol == "fhe-v2":
         from .errors import InputError
 
-        raise InputError(f"protocol {a.protocol!r} is not available yet (only mpc)")
+        raise InputError("protocol 'fhe-v2' is not available yet (use mpc or fhe-v1)")
     from .secure.launch import local_parties
 
-    res = _run_moving_party(a, local_parties(a.fixed, a.timeout))
+    res = _run_moving_party(a, local_parties(a.fixed, a.timeout, dealer=a.protocol == "mpc"))
     if not a.quiet:
         s = res.report["secure"]["summary"]
         print(f"done: {res.report['iterations']} iterations, {res.report['wall_seconds']:.2f} s, "
@@ -205,8 +207,8 @@ def cmd_party(a: argparse.Namespace) -> int:
     if a.pki is None:
         raise InputError("--pki DIR is required (create it with `privreg certs DIR`)")
     if a.role == "moving":
-        if not a.outdir or not a.connect or not a.dealer:
-            raise InputError("party moving needs -o OUTDIR, --connect HOST:PORT and --dealer HOST:PORT")
+        if not a.outdir or not a.connect or (a.protocol == "mpc" and not a.dealer):
+            raise InputError("party moving needs -o OUTDIR, --connect HOST:PORT and (for mpc) --dealer HOST:PORT")
         from contextlib import nullcontext
 
         a.moving = a.image
@@ -259,7 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("secure-register", help="private registration: spawns party 2 and the dealer on localhost")
     _add_register_args(sr)
     _add_secure_args(sr)
-    sr.add_argument("--protocol", default="mpc", choices=["mpc", "fhe-v1", "fhe-v2"])
     sr.set_defaults(func=cmd_secure_register)
     pa = sub.add_parser("party", help="run one party of a private registration (two machines)")
     pa.add_argument("role", choices=["moving", "fixed"])

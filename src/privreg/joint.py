@@ -78,6 +78,19 @@ class FixedSide:
         raise ValueError(f"unknown feature kind {spec.kind!r}")
 
 
+@dataclass(frozen=True)
+class Need:
+    """Which entries the caller reads: ``cross[:, cross_cols, :]`` and ``total[total_cols, :]``.
+
+    A backend may skip the rest (entries it skips are NaN); the clear and MPC backends compute all."""
+
+    cross_cols: slice = field(default_factory=lambda: slice(None))
+    total_cols: slice = field(default_factory=lambda: slice(None))
+
+
+ALL = Need()
+
+
 @dataclass
 class CrossResult:
     cross: Tensor  # (P, a, b)
@@ -103,8 +116,9 @@ class JointBackend(ABC):
         """Party 2 prepares V for pyramid ``level`` (done once per level)."""
 
     @abstractmethod
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
-        """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b]."""
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+        """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b] (at least
+        the entries ``need`` names)."""
 
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
         """Told which sample (level, draw iteration) the next ``cross`` uses; secure backends send
@@ -158,7 +172,7 @@ class ClearBackend(JointBackend):
         self.v = self.fixed_side.features(level, spec)
         self.v_bins = self.v.argmax(1) if spec.kind == "mi" else None
 
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
         if self.v is None:
             raise RuntimeError("start_level must be called before cross")
         t0 = time.perf_counter()

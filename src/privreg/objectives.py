@@ -20,7 +20,7 @@ from torch import Tensor
 from .basis import Basis, DenseBasis
 from .grid import Grid
 from .image import Image, gradient, sample
-from .joint import FeatureSpec, JointBackend
+from .joint import FeatureSpec, JointBackend, Need
 from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving, ssd_loss
 from .regularizers import REGULARIZERS, control_grid_operator
 from .transforms import CompositeTransform, GridSplineTransform, LinearTransform, Transform
@@ -166,7 +166,7 @@ class JointObjective:
     # ------------------------------------------------------------------ SSD
     def _ssd(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
         u = torch.cat([g * m[:, None], (m * i_w)[:, None], m[:, None]], 1)
-        res = self.backend.cross(u, basis, index)
+        res = self.backend.cross(u, basis, index, Need(slice(0, d), slice(d, d + 2)))
         r = res.cross[:, :d, 0]  # S^T J  (P, d)
         sum_ij = res.total[d, 0]
         sum_jj = res.total[d + 1, 1]
@@ -193,7 +193,7 @@ class JointObjective:
         a, da, _ = parzen_moving(i_w, self.moving.vmin, self.moving.vmax, nb)
         c = (da[:, :, None] * g[:, None, :]).reshape(-1, nb * d)  # dA(x, r)/dW_k
         u = torch.cat([a * m[:, None], c * m[:, None]], 1)
-        res = self.backend.cross(u, basis, index)
+        res = self.backend.cross(u, basis, index, Need(slice(nb, None), slice(0, nb)))
         p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pnum = basis.num_basis
         dp = res.cross[:, nb:, :].reshape(pnum, nb, d, -1).permute(0, 2, 1, 3) / n  # eq. (9) (P, d, nb, nbt)

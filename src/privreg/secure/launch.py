@@ -51,19 +51,23 @@ def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
 
 
 @contextmanager
-def local_parties(fixed_path: str, timeout: float = 120.0, pki: str | None = None) -> Iterator[dict]:
-    """Spawn the dealer and party 2 on localhost; yields their addresses and the PKI directory."""
+def local_parties(fixed_path: str, timeout: float = 120.0, pki: str | None = None,
+                  dealer: bool = True) -> Iterator[dict]:
+    """Spawn party 2 (and the dealer, for MPC) on localhost; yields their addresses and the PKI directory."""
     with tempfile.TemporaryDirectory(prefix="privreg-pki-") as td:
         pki_dir = pki or str(make_pki(td))
         procs: list[subprocess.Popen] = []
         try:
-            dealer, dport = _spawn(["dealer", "--listen", "127.0.0.1:0", "--pki", pki_dir, "--timeout", str(timeout)],
-                                   30.0)
-            procs.append(dealer)
-            fixed, fport = _spawn(["party", "fixed", fixed_path, "--listen", "127.0.0.1:0",
-                                   "--dealer", f"127.0.0.1:{dport}", "--pki", pki_dir, "--timeout", str(timeout)], 60.0)
+            extra, addr = [], None
+            if dealer:
+                proc, dport = _spawn(["dealer", "--listen", "127.0.0.1:0", "--pki", pki_dir, "--timeout", str(timeout)],
+                                     30.0)
+                procs.append(proc)
+                addr = f"127.0.0.1:{dport}"
+                extra = ["--dealer", addr]
+            fixed, fport = _spawn(["party", "fixed", fixed_path, "--listen", "127.0.0.1:0", *extra,
+                                   "--pki", pki_dir, "--timeout", str(timeout)], 60.0)
             procs.append(fixed)
-            yield {"fixed": f"127.0.0.1:{fport}", "dealer": f"127.0.0.1:{dport}", "pki": pki_dir,
-                   "processes": procs}
+            yield {"fixed": f"127.0.0.1:{fport}", "dealer": addr, "pki": pki_dir, "processes": procs}
         finally:
             _stop(procs)

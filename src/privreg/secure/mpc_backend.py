@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..basis import Basis
 from ..errors import InputError
-from ..joint import BackendStats, CrossResult, FeatureSpec, JointBackend
+from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
 from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, int_cross, phi_bits
 from ..mpc.ring import Prg, encode
 from ..net.channel import Channel, PeerError
@@ -43,7 +43,7 @@ class MPCBackend(JointBackend):
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
         self.sample_key = (level, iteration)
 
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None) -> CrossResult:
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
         if self.vh is None:
             raise RuntimeError("start_level must be called before cross")
         t0, c0 = time.perf_counter(), time.process_time()

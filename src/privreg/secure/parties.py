@@ -1,10 +1,11 @@
-"""The three processes of a private registration: party 1 (moving), party 2 (fixed), the dealer.
+"""The processes of a private registration: party 1 (moving), party 2 (fixed) and, for MPC, the dealer.
 
 Connections (each TLS 1.3 with mutual certificates, roles checked on the certificate):
-party 1 -> party 2, party 1 -> dealer, party 2 -> dealer. Party 1 drives: it sends the public
-setup, then one ``level`` message per pyramid level and one ``cross`` message per seam call,
-and ``close`` at the end, when the others send their statistics and exit. Any failure is sent
-as an ``error`` message (best effort) and ends the process with a clear message.
+party 1 -> party 2, and for MPC party 1 -> dealer and party 2 -> dealer. Party 1 drives: it sends
+the public setup (configuration, protocol), then one ``level`` message per pyramid level and one
+``cross`` message per seam call (FHE: plus ``encrypt`` when it needs [[V]] for new rows), and
+``close`` at the end, when the others send their statistics and exit. Any failure is sent as an
+``error`` message (best effort) and ends the process with a clear message.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError, PrivregError
+from ..fhe.ckks import CkksParams, KeyOwner, pack_bytes, unpack_bytes
 from ..image import Image, read_image
 from ..joint import FeatureSpec, FixedSide
 from ..mpc.product import LIMBS, encode_features, int_cross
@@ -23,6 +25,7 @@ from ..mpc.ring import Prg, new_key
 from ..net.channel import Channel, Listener, PeerError, Traffic, connect
 from ..net.pki import tls_context
 from ..register import RegistrationResult, register_with_backend
+from .fhe_backend import FHEBackend
 from .mpc_backend import MPCBackend
 from .session import PublicSession, check_secure_config, config_from_dict, config_to_dict, grid_from_dict, grid_to_dict
 
@@ -56,58 +59,43 @@ def _send_error(ch: Channel | None, exc: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------- party 2
-def run_fixed_party(fixed: Image, listen: str, dealer: str, pki: str, timeout: float = 120.0,
+PROTOCOLS = ("mpc", "fhe-v1")
+
+
+def run_fixed_party(fixed: Image, listen: str, dealer: str | None, pki: str, timeout: float = 120.0,
                     recorder: list | None = None) -> dict:
-    """Serve party 1's requests with the fixed image; returns this party's statistics."""
+    """Serve party 1's requests with the fixed image; returns this party's statistics.
+
+    The protocol is party 1's choice (setup message); ``dealer`` is needed for ``mpc`` only."""
     clock = _Clock()
     ctx_server, ctx_client = tls_context(pki, "fixed", True), tls_context(pki, "fixed", False)
     listener = Listener(listen, ctx_server, timeout)
     _announce(listener)
-    to_dealer = connect(dealer, ctx_client, "dealer", timeout)
     moving: Channel | None = None
+    to_dealer: Channel | None = None
     try:
         moving = listener.accept(("moving",), recorder=recorder)
         listener.close()
-        key = new_key()
-        to_dealer.send("key", {}, key=torch.frombuffer(bytearray(key), dtype=torch.uint8))
-        prg = Prg(key)
         moving.send("hello", {"grid": grid_to_dict(fixed.grid)})
         _, meta, _ = moving.recv("setup")
         cfg = config_from_dict(meta["config"])
+        protocol = meta.get("protocol", "mpc")
+        if protocol not in PROTOCOLS:
+            raise PeerError(f"unknown protocol {protocol!r} requested by party 1")
         session = PublicSession(cfg, fixed.grid)
         side = FixedSide(fixed, session.levels, bool(cfg.normalize))
-        v_int = bins = None
-        level = -1
-        while True:
-            kind, meta, arr = moving.recv(("level", "cross", "close"))
-            if kind == "close":
-                stats = {**clock.report(), "traffic_moving": _traffic(moving.traffic),
-                         "traffic_dealer": _traffic(to_dealer.traffic), "prg_labels": prg.labels_used}
-                moving.send("stats", stats)
-                return stats
-            if kind == "level":
-                level = int(meta["level"])
-                spec = FeatureSpec(meta["kind"], int(meta["bins"]))
-                v = side.features(level, spec)
-                one_hot = spec.kind == "mi"
-                v_int, v_bits, v_range = encode_features(v, one_hot)
-                bins = v.argmax(1) if one_hot else None
-                rb = prg.ring(f"Rb/{level}", tuple(v_int.shape))
-                moving.send("features", {"v_range": v_range}, vh=v_int - rb, v_bits=v_bits)
-                continue
-            index, phi = session.call_basis(level, meta, arr)
-            uh = arr["uh"]
-            if uh.dtype != torch.int64 or uh.dim() != 2 or uh.shape[0] != phi.num_points:
-                raise PeerError("malformed masked matrix from party 1")
-            _, dm, darr = to_dealer.recv("t2")
-            if int(dm["call"]) != int(meta["call"]):
-                raise PeerError("dealer and party 1 disagree on the call number")
-            rows = slice(None) if index is None else index
-            z = int_cross(phi, uh, None if bins is not None else v_int[rows],
-                          None if bins is None else bins[rows], v_int.shape[1])
-            if tuple(darr["t2"].shape) != tuple(z.shape):
-                raise PeerError("dealer's correlated randomness has the wrong shape")
-            moving.send("reply", {"call": meta["call"]}, z=z + darr["t2"])
+        if protocol == "mpc":
+            if not dealer:
+                raise InputError("the MPC protocol needs the dealer's address (--dealer HOST:PORT)")
+            to_dealer = connect(dealer, ctx_client, "dealer", timeout)
+            extra = _serve_mpc(moving, to_dealer, side, session)
+        else:
+            extra = _serve_fhe(moving, side, session, CkksParams.from_dict(meta["ckks"]))
+        stats = {**clock.report(), "traffic_moving": _traffic(moving.traffic), **extra}
+        if to_dealer is not None:
+            stats["traffic_dealer"] = _traffic(to_dealer.traffic)
+        moving.send("stats", stats)
+        return stats
     except BaseException as exc:
         _send_error(moving, exc)
         raise
@@ -115,7 +103,76 @@ def run_fixed_party(fixed: Image, listen: str, dealer: str, pki: str, timeout: f
         listener.close()
         if moving is not None:
             moving.close()
-        to_dealer.close()
+        if to_dealer is not None:
+            to_dealer.close()
+
+
+def _serve_mpc(moving: Channel, to_dealer: Channel, side: FixedSide, session: PublicSession) -> dict:
+    """Answer ``level`` and ``cross`` messages with the secret-sharing protocol until ``close``."""
+    key = new_key()
+    to_dealer.send("key", {}, key=torch.frombuffer(bytearray(key), dtype=torch.uint8))
+    prg = Prg(key)
+    v_int = bins = None
+    level = -1
+    while True:
+        kind, meta, arr = moving.recv(("level", "cross", "close"))
+        if kind == "close":
+            return {"prg_labels": prg.labels_used}
+        if kind == "level":
+            level = int(meta["level"])
+            spec = FeatureSpec(meta["kind"], int(meta["bins"]))
+            v = side.features(level, spec)
+            one_hot = spec.kind == "mi"
+            v_int, v_bits, v_range = encode_features(v, one_hot)
+            bins = v.argmax(1) if one_hot else None
+            rb = prg.ring(f"Rb/{level}", tuple(v_int.shape))
+            moving.send("features", {"v_range": v_range}, vh=v_int - rb, v_bits=v_bits)
+            continue
+        index, phi = session.call_basis(level, meta, arr)
+        uh = arr["uh"]
+        if uh.dtype != torch.int64 or uh.dim() != 2 or uh.shape[0] != phi.num_points:
+            raise PeerError("malformed masked matrix from party 1")
+        _, dm, darr = to_dealer.recv("t2")
+        if int(dm["call"]) != int(meta["call"]):
+            raise PeerError("dealer and party 1 disagree on the call number")
+        rows = slice(None) if index is None else index
+        z = int_cross(phi, uh, None if bins is not None else v_int[rows],
+                      None if bins is None else bins[rows], v_int.shape[1])
+        if tuple(darr["t2"].shape) != tuple(z.shape):
+            raise PeerError("dealer's correlated randomness has the wrong shape")
+        moving.send("reply", {"call": meta["call"]}, z=z + darr["t2"])
+
+
+def _serve_fhe(moving: Channel, side: FixedSide, session: PublicSession, params: CkksParams) -> dict:
+    """Hold the CKKS secret key: send the public context, encrypt features, decrypt masked results."""
+    owner = KeyOwner(params)
+    moving.send("context", {}, context=torch.frombuffer(bytearray(owner.public_context()), dtype=torch.uint8))
+    v = None
+    level, decrypted = -1, 0
+    try:
+        while True:
+            kind, meta, arr = moving.recv(("level", "encrypt", "cross", "close"))
+            if kind == "close":
+                return {"ciphertexts_decrypted": decrypted}
+            if kind == "level":
+                level = int(meta["level"])
+                v = side.features(level, FeatureSpec(meta["kind"], int(meta["bins"])))
+                moving.send("level-ready", {"points": int(v.shape[0])})
+            elif kind == "encrypt":
+                if v is None or int(meta["level"]) != level:
+                    raise PeerError("encryption requested for a level that was not started")
+                index = session.index(level, meta, {})  # URS: from the public seed; never GMS indices
+                rows = v if index is None else v[index]
+                blobs, exps = owner.encrypt_features(rows.numpy())
+                moving.send("features", {"points": int(rows.shape[0]), "cols": int(rows.shape[1])},
+                            exps=torch.from_numpy(exps), **pack_bytes(blobs))
+            else:
+                blobs = unpack_bytes(arr, 4096)
+                vals = owner.decrypt_masked(blobs, int(meta["count"]))
+                decrypted += len(blobs)
+                moving.send("reply", {"call": meta["call"]}, values=torch.from_numpy(vals))
+    finally:
+        owner.seal.close()
 
 
 # ----------------------------------------------------------------------------- dealer
@@ -175,68 +232,86 @@ def run_dealer(listen: str, pki: str, timeout: float = 120.0) -> dict:
 
 
 # ----------------------------------------------------------------------------- party 1
-def run_moving_party(moving: Image, fixed_address: str, dealer_address: str, pki: str, cfg,
+def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | None, pki: str, cfg,
                      timeout: float = 120.0, reveal_gms_indices: bool = False,
                      progress: Callable[[str], None] | None = None,
-                     recorder: list | None = None) -> tuple[RegistrationResult, object]:
-    """Register ``moving`` to party 2's fixed image; returns the result and the fixed grid."""
-    check_secure_config(cfg, reveal_gms_indices)
+                     recorder: list | None = None, protocol: str = "mpc",
+                     ckks: CkksParams | None = None) -> tuple[RegistrationResult, object]:
+    """Register ``moving`` to party 2's fixed image; returns the result and the fixed grid.
+
+    ``protocol`` is ``"mpc"`` (needs the dealer) or ``"fhe-v1"`` (CKKS, no dealer)."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
+    check_secure_config(cfg, reveal_gms_indices or protocol != "mpc")
+    if protocol == "mpc" and not dealer_address:
+        raise InputError("the MPC protocol needs the dealer's address")
+    ckks = ckks or CkksParams()
     clock = _Clock()
     ctx = tls_context(pki, "moving", False)
-    to_dealer = connect(dealer_address, ctx, "dealer", timeout)
+    to_dealer = connect(dealer_address, ctx, "dealer", timeout) if protocol == "mpc" else None
     to_fixed: Channel | None = None
+    backend = None
     try:
         to_fixed = connect(fixed_address, ctx, "fixed", timeout, recorder=recorder)
         key = new_key()
-        to_dealer.send("key", {}, key=torch.frombuffer(bytearray(key), dtype=torch.uint8))
+        if to_dealer is not None:
+            to_dealer.send("key", {}, key=torch.frombuffer(bytearray(key), dtype=torch.uint8))
         _, hello, _ = to_fixed.recv("hello")
         fixed_grid = grid_from_dict(hello["grid"])
         if fixed_grid.ndim != moving.ndim:
             raise InputError(f"fixed image is {fixed_grid.ndim}D but moving image is {moving.ndim}D")
-        setup = {"config": config_to_dict(cfg), "grid": hello["grid"]}
+        setup = {"config": config_to_dict(cfg), "grid": hello["grid"], "protocol": protocol, "ckks": ckks.to_dict()}
         to_fixed.send("setup", setup)
-        to_dealer.send("setup", setup)
-        backend = MPCBackend(to_fixed, to_dealer, key, cfg.sampling.mode, reveal_gms_indices)
+        if to_dealer is not None:
+            to_dealer.send("setup", setup)
+            backend = MPCBackend(to_fixed, to_dealer, key, cfg.sampling.mode, reveal_gms_indices)
+        else:
+            backend = FHEBackend(to_fixed, ckks, cfg.sampling.mode)
         result = register_with_backend(moving, fixed_grid, backend, cfg, progress=progress)
         to_fixed.send("close")
-        to_dealer.send("close")
         _, fixed_stats, _ = to_fixed.recv("stats")
-        _, dealer_stats, _ = to_dealer.recv("stats")
-        result.report["secure"] = _report(backend, clock, fixed_stats, dealer_stats, to_fixed, to_dealer)
+        dealer_stats = None
+        if to_dealer is not None:
+            to_dealer.send("close")
+            _, dealer_stats, _ = to_dealer.recv("stats")
+        result.report["secure"] = _report(protocol, backend, clock, fixed_stats, dealer_stats, to_fixed, to_dealer)
         return result, fixed_grid
     except BaseException as exc:
         _send_error(to_fixed, exc)
         _send_error(to_dealer, exc)
         raise
     finally:
+        if isinstance(backend, FHEBackend):
+            backend.close()
         if to_fixed is not None:
             to_fixed.close()
-        to_dealer.close()
+        if to_dealer is not None:
+            to_dealer.close()
 
 
-def _report(backend: MPCBackend, clock: _Clock, fixed_stats: dict, dealer_stats: dict, to_fixed: Channel,
-            to_dealer: Channel) -> dict:
+def _report(protocol: str, backend, clock: _Clock, fixed_stats: dict, dealer_stats: dict | None, to_fixed: Channel,
+            to_dealer: Channel | None) -> dict:
     calls = max(backend.stats.calls, 1)
     tf = to_fixed.traffic
     online_p1 = tf.by_tag.get("sent:cross", 0)
     online_p2 = tf.by_tag.get("received:reply", 0)
-    per_level_p2 = tf.by_tag.get("received:features", 0)
-    dealer_to_p2 = fixed_stats["traffic_dealer"]["wire_bytes_received"]
-    return {
-        "protocol": "mpc",
-        "calls": backend.stats.calls,
-        "moving": {**clock.report(), "traffic_fixed": _traffic(tf), "traffic_dealer": _traffic(to_dealer.traffic),
-                   "online_bytes_sent_per_call": online_p1 / calls, "online_bytes_received_per_call": online_p2 / calls},
-        "fixed": {k: v for k, v in fixed_stats.items()},
-        "dealer": {k: v for k, v in dealer_stats.items()},
-        "summary": {
-            "online_MB_per_iteration": (online_p1 + online_p2) / calls / 1e6,
-            "features_MB_per_run": per_level_p2 / 1e6,
-            "dealer_offline_MB_per_iteration": dealer_to_p2 / calls / 1e6,
-            "moving_seconds_per_iteration": backend.stats.seconds / calls,
-        },
-        "per_call": backend.per_call,
+    per_level_p2 = tf.by_tag.get("received:features", 0) + tf.by_tag.get("received:context", 0)
+    moving = {**clock.report(), "traffic_fixed": _traffic(tf),
+              "online_bytes_sent_per_call": online_p1 / calls, "online_bytes_received_per_call": online_p2 / calls}
+    summary = {
+        "online_MB_per_iteration": (online_p1 + online_p2) / calls / 1e6,
+        "features_MB_per_run": per_level_p2 / 1e6,
+        "moving_seconds_per_iteration": backend.stats.seconds / calls,
     }
+    out = {"protocol": protocol, "calls": backend.stats.calls, "moving": moving, "fixed": dict(fixed_stats),
+           "summary": summary, "per_call": backend.per_call}
+    if to_dealer is not None:
+        moving["traffic_dealer"] = _traffic(to_dealer.traffic)
+        out["dealer"] = dict(dealer_stats or {})
+        summary["dealer_offline_MB_per_iteration"] = fixed_stats["traffic_dealer"]["wire_bytes_received"] / calls / 1e6
+    else:
+        summary["public_context_MB"] = tf.by_tag.get("received:context", 0) / 1e6
+    return out
 
 
 def party_main(role: str, image_path: str | None, listen: str | None, dealer: str | None, pki: str,
@@ -246,8 +321,8 @@ def party_main(role: str, image_path: str | None, listen: str | None, dealer: st
         if role == "dealer":
             run_dealer(listen or "127.0.0.1:0", pki, timeout)
         elif role == "fixed":
-            if not image_path or not dealer:
-                raise InputError("the fixed party needs FIXED image and --dealer HOST:PORT")
+            if not image_path:
+                raise InputError("the fixed party needs the FIXED image")
             img = read_image(image_path)
             img.check_finite("fixed image")
             run_fixed_party(img, listen or "127.0.0.1:0", dealer, pki, timeout)

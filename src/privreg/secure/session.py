@@ -12,6 +12,18 @@ What each party learns (MPC protocol, see :mod:`privreg.mpc.product`):
   points follow from the public seed) or, only with ``reveal_gms_indices``, the GMS point indices
   (they depend on party 1's image gradients); every other value it receives is one-time padded.
 * dealer: the configuration, the geometry and the sample keys/indices; no image-derived value.
+
+What each party learns (FHE-v1, CKKS, see :mod:`privreg.fhe.ckks`; no dealer):
+
+* party 1: the fixed grid geometry; the public CKKS context (public and Galois keys, never the
+  secret key); per level a power-of-two bound of each feature column; the features encrypted
+  (IND-CPA under RLWE); per call the same products as with MPC (plus the CKKS error, about
+  2^-26 of each output's bound, and party 2's flooding noise).
+* party 2: the configuration, the URS sample keys (never GMS indices: party 1 weighs the whole
+  level with zeros off its sample), and per call y + M for each output y normalised to |y| <= 1
+  and a fresh uniform mask M on [-2^24, 2^24]: within statistical distance 2^-24 per value of a
+  distribution that does not depend on y (CKKS decodes in double precision, which bounds the
+  mask size; this is weaker than the MPC backend's perfect one-time pad).
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""PPIR(MPC) and PPIR(FHE-v1) vs CLEAR on the bundled 2D data, in the structure of the PPIR paper's
+tables 1-3, all protocols in the same run.
+
+Each private run spawns party 2 (and, for MPC, the dealer) as its own process (TLS on localhost)
+and is compared with the clear engine run with the same configuration and sampling seed:
+iterations, displacement RMSE vs CLEAR, time per iteration per party, MB per iteration each way,
+one-time MB (MPC: masked features; FHE: public context + encrypted features).
+
+Usage:  python benchmarks/bench_ppir.py [--protocols mpc,fhe-v1] [--json out/bench_ppir.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from privreg.demo import data_path, known_bspline
+from privreg.evaluate import displacement_rmse
+from privreg.image import Image, read_image, resample, smooth, write_image
+from privreg.register import RegistrationConfig, register
+from privreg.sampling import Sampling
+from privreg.secure.launch import local_parties
+from privreg.secure.parties import run_moving_party
+from privreg.transforms import AffineTransform
+
+torch.set_num_threads(2)
+F64 = torch.float64
+
+
+def cases(tmp: Path) -> list[dict]:
+    src = read_image(data_path("BrainT1Slice.png"))
+    moving = Image(smooth(src.data, src.grid, 0.5), src.grid)
+    grid = moving.grid
+    aff = AffineTransform(2, torch.tensor([[1.03, 0.05], [-0.06, 0.98]], dtype=F64), torch.tensor([3.0, -2.0], dtype=F64),
+                          grid.center())
+    fixed_aff = resample(moving, grid, aff)
+    fixed_bsp = resample(moving, grid, known_bspline(grid, 20.0, 4.0, seed=1))
+    write_image(fixed_aff, tmp / "fixed_affine.nii.gz")
+    write_image(fixed_bsp, tmp / "fixed_bspline.nii.gz")
+    t1 = read_image(data_path("BrainT1SliceBorder20.png"))
+    pd = read_image(data_path("BrainProtonDensitySliceShifted13x17y.png"))
+    out = []
+    for mode in ("full", "urs", "gms"):
+        s = Sampling(mode, 0.1, seed=3, redraw=False) if mode != "full" else Sampling()
+        out.append({"name": f"SSD affine 2D {mode}", "fixed": fixed_aff, "moving": moving,
+                    "path": str(tmp / "fixed_affine.nii.gz"),
+                    "cfg": dict(transform="affine", metric="ssd", levels=(2, 1), max_iter=50, sampling=s)})
+    out.append({"name": "SSD B-spline 2D urs", "fixed": fixed_bsp, "moving": moving, "path": str(tmp / "fixed_bspline.nii.gz"),
+                "cfg": dict(transform="bspline", metric="ssd", levels=(2, 1), max_iter=30, grid_spacing=20.0,
+                            reg_weight=0.01, sampling=Sampling("urs", 0.2, seed=3, redraw=False))})
+    out.append({"name": "MI rigid 2D urs (T1 vs PD)", "fixed": t1, "moving": pd,
+                "path": str(data_path("BrainT1SliceBorder20.png")),
+                "cfg": dict(transform="rigid", metric="mi", levels=(4, 2, 1), max_iter=30,
+                            sampling=Sampling("urs", 0.1, seed=3, redraw=False))})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocols", default="mpc,fhe-v1")
+    ap.add_argument("--cases", default="", help="comma-separated substrings of case names to run (default all)")
+    ap.add_argument("--json", default="out/bench_ppir.json")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        for case in cases(Path(td)):
+            if args.cases and not any(c in case["name"] for c in args.cases.split(",")):
+                continue
+            t0 = time.perf_counter()
+            clear = register(case["fixed"], case["moving"], **case["cfg"])
+            t_clear = time.perf_counter() - t0
+            cfg = RegistrationConfig(**case["cfg"])
+            for protocol in args.protocols.split(","):
+                with local_parties(case["path"], 300.0, dealer=protocol == "mpc") as peers:
+                    private, _ = run_moving_party(case["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg,
+                                                  300.0, reveal_gms_indices=True, protocol=protocol)
+                rows.append(_row(case, protocol, clear, t_clear, private))
+                print(json.dumps(rows[-1]), flush=True)
+    print()
+    hdr = ("case", "protocol", "it CLEAR", "it private", "RMSE vs CLEAR mm", "CLEAR s/it", "P1 s/it", "P2 cpu s/it",
+           "P1->P2 MB/it", "P2->P1 MB/it", "once MB", "dealer MB/it")
+    print(" | ".join(hdr))
+    for r in rows:
+        print(f"{r['case']} | {r['protocol']} | {r['clear_iterations']} | {r['private_iterations']} | "
+              f"{r['rmse_vs_clear_mm']:.5f} | {r['clear_s_per_it']:.3f} | {r['p1_s_per_it']:.3f} | "
+              f"{r['p2_cpu_s_per_it']:.3f} | {r['p1_sent_MB_per_it']:.3f} | {r['p2_sent_MB_per_it']:.3f} | "
+              f"{r['once_MB']:.2f} | {r['dealer_MB_per_it']:.4f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _row(case: dict, protocol: str, clear, t_clear: float, private) -> dict:
+    sec = private.report["secure"]
+    calls = max(sec["calls"], 1)
+    by = sec["moving"]["traffic_fixed"]["by_message"]
+    once = sum(v for k, v in by.items() if k in ("received:features", "received:context"))
+    p1_sent = sum(v for k, v in by.items() if k.startswith("sent:"))
+    p2_sent = sum(v for k, v in by.items() if k.startswith("received:")) - once
+    return {
+        "case": case["name"], "protocol": protocol, "clear_iterations": clear.report["iterations"],
+        "private_iterations": private.report["iterations"],
+        "rmse_vs_clear_mm": displacement_rmse(private.transform, clear.transform, case["fixed"].grid),
+        "clear_s_per_it": t_clear / max(clear.report["iterations"], 1),
+        "p1_s_per_it": sec["moving"]["wall_seconds"] / calls, "p2_cpu_s_per_it": sec["fixed"]["cpu_seconds"] / calls,
+        "p1_sent_MB_per_it": p1_sent / calls / 1e6, "p2_sent_MB_per_it": p2_sent / calls / 1e6, "once_MB": once / 1e6,
+        "dealer_MB_per_it": (sec["dealer"]["traffic_fixed"]["wire_bytes_sent"] / calls / 1e6) if "dealer" in sec else 0.0,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CKKS homomorphic encryption for the joint-product seam (TenSEAL / Microsoft SEAL)."""

@@ -1,0 +1,372 @@
+"""The seam's product with CKKS (TenSEAL / Microsoft SEAL): party 2's features encrypted, party 1's
+weights in plaintext, results masked by party 1 before party 2 decrypts them.
+
+Product: y[k, b] = sum_i W[i, k] V[i, b] with W (N x K) held by party 1 (W[:, (j, a)] = Phi_ij U_ia
+and one all-ones basis column for the totals) and V (N x b) held by party 2.
+
+Packing (PPIR-FHE-v1, sec. 3.3.2, made rotation-cheap):
+
+* Party 2 normalises each column of V by a power of two (|V| <= 1), pads the columns to ``bb``
+  (a power of two) and packs the rows point-major: slot ``s`` of chunk ``c`` holds
+  V[c * ppc + s // bb, s % bb] with ``ppc = slots / bb`` points per ciphertext. It sends
+  ceil(N / ppc) ciphertexts once per level (or per sample for URS).
+* Party 1 normalises each weight column so that sum_i |W[i, k]| <= 1 (powers of two it keeps), and
+  evaluates the *hybrid diagonal* matrix product (Halevi-Shoup) with baby-step/giant-step
+  rotations: R = R1 * R2 outputs per group, R1 rotations of each input ciphertext computed once
+  per level (the features never change), R2 - 1 giant rotations per group and call, then
+  log2(slots / (R bb)) rotate-and-add steps. Slot q * bb + b of group g then holds y[g R + q, b].
+  A call costs K * chunks plaintext multiplications and one output ciphertext per ``slots / bb``
+  outputs; there is no ciphertext-ciphertext multiplication, no relinearisation, no rescaling.
+* Masking: party 1 adds a fresh public-key encryption of a uniform mask M in
+  [-2^mask_bits, 2^mask_bits] (every slot, CSPRNG) before sending, so party 2 decrypts y + M:
+  since |y| <= 1 after normalisation, each value's distribution is within statistical distance
+  2^-mask_bits of one independent of y. The fresh encryption also re-randomises the ciphertext.
+  Party 2 adds uniform flooding noise of 2^-flood_bits to what it decrypts before replying, which
+  drowns the CKKS noise term (that would otherwise tell party 1, who built the ciphertext, about
+  party 2's secret key: Li & Micciancio 2021).
+
+Parameters (:class:`CkksParams`): N = 8192, coefficient moduli 60 + 60 bits plus a 60-bit special
+prime (180 bits <= 218, the HE standard's bound for 128-bit classical security at N = 8192; SEAL
+enforces it with ``sec_level=tc128``), features at scale 2^40, weights at 2^40: the products sit
+at scale 2^80 and |y + M| <= 2^25, below the 2^119 modulus. The result is read to about
+2^-26 of the output bound (double-precision decoding of a 2^25 mask); :func:`expected_error`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as sealapi
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..mpc.ring import Prg
+from ..net.channel import PeerError
+
+# Maximum total coefficient-modulus bits for 128-bit classical security (HomomorphicEncryption.org
+# standard, ternary secrets), by polynomial degree; SEAL's own table.
+HE_STANDARD_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass(frozen=True)
+class CkksParams:
+    """CKKS parameters shared by both parties (public)."""
+
+    poly_degree: int = 8192
+    coeff_mod_bits: tuple[int, ...] = (60, 60, 60)
+    v_scale_bits: int = 40
+    w_scale_bits: int = 40
+    mask_bits: int = 24
+    flood_bits: int = 28
+    baby_steps: int = 16
+
+    @property
+    def slots(self) -> int:
+        return self.poly_degree // 2
+
+    def check(self) -> None:
+        limit = HE_STANDARD_128.get(self.poly_degree)
+        if limit is None or sum(self.coeff_mod_bits) > limit:
+            raise InputError(f"CKKS parameters below 128-bit security: N={self.poly_degree}, "
+                             f"log q={sum(self.coeff_mod_bits)} (max {limit})")
+        headroom = sum(self.coeff_mod_bits[:-1]) - 1
+        if self.v_scale_bits + self.w_scale_bits + self.mask_bits + 2 > headroom:
+            raise InputError("CKKS scales and mask do not fit in the ciphertext modulus")
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "coeff_mod_bits": list(self.coeff_mod_bits)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "CkksParams":
+        p = CkksParams(**{**d, "coeff_mod_bits": tuple(int(x) for x in d["coeff_mod_bits"])})
+        p.check()
+        return p
+
+
+def expected_error(params: CkksParams) -> float:
+    """Rough absolute error of a normalised output (|y| <= 1): decoding y + M in double precision."""
+    return 2.0 ** (params.mask_bits - 50) + 2.0 ** -params.flood_bits
+
+
+# ----------------------------------------------------------------------------- keys
+def secret_context(params: CkksParams) -> ts.Context:
+    """Party 2's context: secret key, public key, Galois keys for power-of-two rotations."""
+    params.check()
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bits))
+    ctx.generate_galois_keys()
+    ctx.auto_rescale = False
+    return ctx
+
+
+def public_context_bytes(ctx: ts.Context) -> bytes:
+    """What party 1 receives: parameters, public key and Galois keys; never the secret key."""
+    return ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=False)
+
+
+def load_public_context(data: bytes) -> ts.Context:
+    """Party 1's side: load the public context and refuse anything that carries a secret key."""
+    try:
+        ctx = ts.context_from(data)
+    except Exception as exc:  # noqa: BLE001 - TenSEAL raises plain exceptions for bad input
+        raise PeerError(f"invalid CKKS context from the fixed party: {exc}") from None
+    if ctx.has_secret_key() or not ctx.is_public():
+        raise PeerError("the fixed party sent a context with a secret key; refusing it")
+    if not ctx.has_galois_keys():
+        raise PeerError("the fixed party's CKKS context has no Galois keys")
+    return ctx
+
+
+class _Seal:
+    """SEAL objects behind a TenSEAL context (the low-level API gives rotations and plain products)."""
+
+    def __init__(self, ctx: ts.Context) -> None:
+        self.ctx = ctx
+        self.sc = ctx.seal_context().data
+        self.encoder = sealapi.CKKSEncoder(self.sc)
+        self.evaluator = sealapi.Evaluator(self.sc)
+        self.galois = ctx.galois_keys().data
+        self.encryptor = sealapi.Encryptor(self.sc, ctx.public_key().data)
+        self.slots = self.encoder.slot_count()
+        self._tmp = tempfile.mkdtemp(prefix="privreg-ckks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+    def plain(self, values: np.ndarray, scale: float) -> sealapi.Plaintext:
+        pt = sealapi.Plaintext()
+        self.encoder.encode(values.tolist(), scale, pt)
+        return pt
+
+    def encrypt(self, values: np.ndarray, scale: float) -> sealapi.Ciphertext:
+        ct = sealapi.Ciphertext()
+        self.encryptor.encrypt(self.plain(values, scale), ct)
+        return ct
+
+    def rotate(self, ct, step: int) -> sealapi.Ciphertext:
+        out = sealapi.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, self.galois, out)
+        return out
+
+    def to_bytes(self, ct) -> bytes:
+        """Serialise a ciphertext (SEAL's own format; written through a private temp file)."""
+        path = os.path.join(self._tmp, "ct")
+        ct.save(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        os.remove(path)
+        return data
+
+    def from_bytes(self, data: bytes) -> sealapi.Ciphertext:
+        path = os.path.join(self._tmp, "ct")
+        with open(path, "wb") as f:
+            f.write(data)
+        ct = sealapi.Ciphertext()
+        try:
+            ct.load(self.sc, path)
+        except Exception as exc:  # noqa: BLE001
+            raise PeerError(f"malformed ciphertext from peer: {exc}") from None
+        finally:
+            os.remove(path)
+        if ct.poly_modulus_degree() != self.encoder.slot_count() * 2 or ct.size() != 2:
+            raise PeerError("ciphertext from peer does not match the agreed parameters")
+        return ct
+
+    def close(self) -> None:
+        try:
+            os.rmdir(self._tmp)
+        except OSError:
+            pass
+
+
+def pack_bytes(blobs: list[bytes]) -> dict[str, Tensor]:
+    """Several serialised ciphertexts as two arrays for one channel frame."""
+    lengths = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+    data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.zeros(0, dtype=torch.uint8)
+    return {"ct_lengths": lengths, "ct_data": data}
+
+
+def unpack_bytes(arrays: dict[str, Tensor], max_count: int) -> list[bytes]:
+    lengths, data = arrays.get("ct_lengths"), arrays.get("ct_data")
+    if lengths is None or data is None or lengths.dim() != 1 or lengths.numel() > max_count:
+        raise PeerError("malformed ciphertext list from peer")
+    if bool((lengths < 0).any()) or int(lengths.sum()) != data.numel():
+        raise PeerError("ciphertext lengths do not match the data sent")
+    raw = data.numpy().tobytes()
+    out, pos = [], 0
+    for n in lengths.tolist():
+        out.append(raw[pos:pos + n])
+        pos += n
+    return out
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """Point-major packing of an (N x b) matrix into ciphertexts of ``slots`` slots."""
+
+    num_points: int
+    cols: int
+    slots: int
+
+    @property
+    def bb(self) -> int:
+        return 1 << max(0, math.ceil(math.log2(max(self.cols, 1))))
+
+    @property
+    def ppc(self) -> int:
+        return self.slots // self.bb
+
+    @property
+    def chunks(self) -> int:
+        return max(1, -(-self.num_points // self.ppc))
+
+    def pack(self, v: np.ndarray) -> np.ndarray:
+        """(N, cols) -> (chunks, slots)."""
+        out = np.zeros((self.chunks * self.ppc, self.bb))
+        out[:self.num_points, :self.cols] = v
+        return out.reshape(self.chunks, self.slots)
+
+
+def column_exponents(x: np.ndarray, norm: str) -> np.ndarray:
+    """Powers of two e with max|x[:, k]| <= 2^e (``"max"``) or sum|x[:, k]| <= 2^e (``"sum"``)."""
+    m = np.abs(x).max(0) if norm == "max" else np.abs(x).sum(0)
+    return np.ceil(np.log2(np.maximum(m, 1e-300))).astype(np.int64)
+
+
+def uniform_masks(prg: Prg, label: str, shape: tuple[int, int], bits: int) -> np.ndarray:
+    """Masks uniform on [-2^bits, 2^bits) (53-bit resolution) from the CSPRNG; a label is used once."""
+    raw = prg.ring(label, shape).numpy().view(np.uint64)
+    unit = (raw >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return (2.0 * unit - 1.0) * 2.0**bits
+
+
+# ----------------------------------------------------------------------------- party 2
+class KeyOwner:
+    """Party 2: encrypts its (normalised) features and decrypts masked results."""
+
+    def __init__(self, params: CkksParams) -> None:
+        self.params = params
+        self.ctx = secret_context(params)
+        self.seal = _Seal(self.ctx)
+        self.decryptor = sealapi.Decryptor(self.seal.sc, self.ctx.secret_key().data)
+
+    def public_context(self) -> bytes:
+        return public_context_bytes(self.ctx)
+
+    def encrypt_features(self, v: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """Normalised, packed, encrypted V; returns the ciphertexts and the column exponents."""
+        exps = column_exponents(v, "max")
+        layout = Layout(v.shape[0], v.shape[1], self.seal.slots)
+        packed = layout.pack(v / 2.0 ** exps)
+        scale = 2.0 ** self.params.v_scale_bits
+        return [self.seal.to_bytes(self.seal.encrypt(row, scale)) for row in packed], exps
+
+    def decrypt_masked(self, blobs: list[bytes], count: int) -> np.ndarray:
+        """Decrypt each masked ciphertext, keep its first ``count`` slots, add flooding noise."""
+        if not 0 < count <= self.seal.slots:
+            raise PeerError("invalid slot count requested")
+        out = np.empty((len(blobs), count))
+        for g, blob in enumerate(blobs):
+            ct = self.seal.from_bytes(blob)
+            pt = sealapi.Plaintext()
+            self.decryptor.decrypt(ct, pt)
+            out[g] = np.asarray(self.seal.encoder.decode_double(pt))[:count]
+        flood = 2.0 ** -self.params.flood_bits
+        noise = np.frombuffer(os.urandom(8 * out.size), dtype=np.uint64).astype(np.float64) / 2.0**64
+        return out + (2 * noise.reshape(out.shape) - 1) * flood
+
+
+# ----------------------------------------------------------------------------- party 1
+@dataclass
+class EncryptedFeatures:
+    """Party 1's copy of [[V]] for one level (or sample) with its precomputed baby-step rotations."""
+
+    layout: Layout
+    exps: np.ndarray
+    cts: list
+    baby: list = field(default_factory=list)  # baby[c][r1] = rot(cts[c], r1 * bb)
+
+
+class Evaluator:
+    """Party 1: plaintext-ciphertext products on the public context only."""
+
+    def __init__(self, public_context: bytes, params: CkksParams) -> None:
+        self.params = params
+        self.ctx = load_public_context(public_context)
+        self.seal = _Seal(self.ctx)
+
+    def features(self, blobs: list[bytes], exps: np.ndarray, num_points: int, cols: int) -> EncryptedFeatures:
+        layout = Layout(num_points, cols, self.seal.slots)
+        if len(blobs) != layout.chunks or exps.shape != (cols,):
+            raise PeerError("encrypted features do not match the agreed layout")
+        return EncryptedFeatures(layout, exps, [self.seal.from_bytes(b) for b in blobs])
+
+    def _baby(self, feats: EncryptedFeatures, r1: int) -> None:
+        """Make sure rotations 0..r1-1 (times bb) of every chunk exist (computed once per level)."""
+        if not feats.baby:
+            feats.baby = [[ct] for ct in feats.cts]
+        for row in feats.baby:
+            while len(row) < r1:
+                row.append(self.seal.rotate(row[-1], feats.layout.bb))
+
+    def products(self, feats: EncryptedFeatures, w: np.ndarray, masks: np.ndarray) -> list[bytes]:
+        """Masked encryptions of y = W^T V (normalised), one ciphertext per group of outputs.
+
+        ``w`` (N, K) with sum_i |w[i, k]| <= 1; ``masks`` (groups, slots). Returns ciphertexts whose
+        slot q * bb + b of group g decrypts to y[g R + q, b] + masks[g, q * bb + b].
+        """
+        lay, p, seal = feats.layout, self.params, self.seal
+        r_total, r1, r2 = self.group_shape(lay, w.shape[1])
+        groups = -(-w.shape[1] // r_total)
+        if masks.shape != (groups, lay.slots):
+            raise ValueError("mask shape does not match the output groups")
+        self._baby(feats, r1)
+        wp = np.zeros((lay.chunks * lay.ppc, groups * r_total))
+        wp[:w.shape[0], :w.shape[1]] = w
+        wc = wp.reshape(lay.chunks, lay.ppc, groups * r_total)
+        t = np.arange(lay.ppc)
+        w_scale = 2.0 ** p.w_scale_bits
+        out_scale = 2.0 ** (p.v_scale_bits + p.w_scale_bits)
+        active = np.abs(wc).reshape(lay.chunks, lay.ppc, groups, r_total).sum((1, 3)) > 0  # (chunks, groups)
+        blobs = []
+        for g in range(groups):
+            acc = None
+            for j2 in reversed(range(r2)):
+                inner = None
+                for c in np.nonzero(active[:, g])[0]:
+                    for j1 in range(r1):
+                        k = g * r_total + (t - r1 * j2) % r_total
+                        e = wc[c, (t + j1) % lay.ppc, k]
+                        if not e.any():
+                            continue
+                        prod = sealapi.Ciphertext()
+                        seal.evaluator.multiply_plain(feats.baby[c][j1], seal.plain(np.repeat(e, lay.bb), w_scale), prod)
+                        if inner is None:
+                            inner = prod
+                        else:
+                            seal.evaluator.add_inplace(inner, prod)
+                if acc is not None:  # Horner on the giant steps: acc = rot(acc, R1 bb) + inner
+                    acc = seal.rotate(acc, r1 * lay.bb)
+                    if inner is not None:
+                        seal.evaluator.add_inplace(acc, inner)
+                else:
+                    acc = inner
+            if acc is None:  # no weight in this group: an encryption of zero
+                acc = seal.encrypt(np.zeros(lay.slots), out_scale)
+            step = lay.slots // 2
+            while step >= r_total * lay.bb:
+                seal.evaluator.add_inplace(acc, seal.rotate(acc, step))
+                step //= 2
+            mask_ct = seal.encrypt(masks[g], acc.scale)
+            seal.evaluator.add_inplace(acc, mask_ct)
+            blobs.append(seal.to_bytes(acc))
+        return blobs
+
+    def group_shape(self, lay: Layout, k: int) -> tuple[int, int, int]:
+        """Outputs per group R = R1 * R2 (a power of two <= points per ciphertext)."""
+        r_total = min(1 << max(0, math.ceil(math.log2(max(k, 1)))), lay.ppc)
+        r1 = min(self.params.baby_steps, r_total)
+        return r_total, r1, r_total // r1

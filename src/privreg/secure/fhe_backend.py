@@ -1,0 +1,129 @@
+"""Party 1's side of the seam over CKKS (PPIR-FHE-v1, see :mod:`privreg.fhe.ckks`).
+
+Per level (URS: per sample) party 2 sends [[V]], its features encrypted under its own key; every
+call party 1 forms the plaintext weights W[:, (j, a)] = Phi_ij U_ia (plus the totals), evaluates
+W^T [[V]] homomorphically, masks the result and sends it to party 2, which decrypts and returns the
+masked values; party 1 removes the masks. GMS indices never leave party 1: it weighs the full
+level's [[V]] with zeros off the sample.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..basis import Basis, DenseBasis
+from ..errors import InputError
+from ..fhe.ckks import CkksParams, Evaluator, column_exponents, pack_bytes, uniform_masks, unpack_bytes
+from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
+from ..mpc.ring import Prg, new_key
+from ..net.channel import Channel, PeerError
+
+MAX_WEIGHT_ENTRIES = 40_000_000  # dense W (points x outputs) party 1 is willing to build (320 MB)
+
+
+def weight_matrix(u: Tensor, basis: Basis, need: Need = ALL) -> np.ndarray:
+    """W (N, P a' + a''): columns (j, a) = Phi_j * U_a for the needed cross columns a (j-major),
+    then the needed total columns U_a."""
+    uc, ut = u[:, need.cross_cols].to(torch.float64), u[:, need.total_cols].to(torch.float64)
+    n, a = uc.shape
+    p = basis.matrix.shape[1] if isinstance(basis, DenseBasis) else basis.num_basis
+    if n * (p * a + ut.shape[1]) > MAX_WEIGHT_ENTRIES:
+        raise InputError(f"the FHE product would need a {n} x {p * a + ut.shape[1]} weight matrix; use fewer "
+                         "points (--sampling urs) or a coarser control grid")
+    phi = (basis.matrix if isinstance(basis, DenseBasis) else basis.dense()).to(torch.float64)
+    return torch.cat([(phi[:, :, None] * uc[:, None, :]).reshape(n, p * a), ut], 1).numpy()
+
+
+class FHEBackend(JointBackend):
+    """Joint products by CKKS with party 2 holding the secret key."""
+
+    def __init__(self, to_fixed: Channel, params: CkksParams, sampling_mode: str) -> None:
+        self.to_fixed = to_fixed
+        self.params = params
+        self.sampling_mode = sampling_mode
+        _, _, arr = to_fixed.recv("context")
+        self.evaluator = Evaluator(arr["context"].numpy().tobytes(), params)
+        self.prg = Prg(new_key())
+        self.level = -1
+        self.calls = 0
+        self.sample_key: tuple[int, int] | None = None
+        self.spec: FeatureSpec | None = None
+        self.level_points = 0
+        self._feats: tuple | None = None  # (key, EncryptedFeatures)
+        self.stats = BackendStats()
+        self.per_call: list[dict] = []
+
+    def start_level(self, level: int, spec: FeatureSpec) -> None:
+        self.to_fixed.send("level", {"level": level, "kind": spec.kind, "bins": spec.bins})
+        _, meta, _ = self.to_fixed.recv("level-ready")
+        self.level_points = int(meta["points"])
+        self.level, self.spec, self._feats = level, spec, None
+
+    def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
+        self.sample_key = (level, iteration)
+
+    def _features(self, index: Tensor | None):
+        """[[V]] for this call's rows: the whole level (full, GMS) or the public URS sample."""
+        sample = list(self.sample_key) if (index is not None and self.sampling_mode != "gms") else None
+        key = (self.level, tuple(sample) if sample else None)
+        if self._feats is None or self._feats[0] != key:
+            self.to_fixed.send("encrypt", {"level": self.level, "sample": sample})
+            _, meta, arr = self.to_fixed.recv("features")
+            n = self.level_points if sample is None else int(index.numel())
+            if int(meta["points"]) != n:
+                raise PeerError("the fixed party encrypted a different number of points")
+            blobs = unpack_bytes(arr, 1 << 20)
+            self._feats = (key, self.evaluator.features(blobs, arr["exps"].numpy(), n, int(meta["cols"])))
+        return self._feats[1]
+
+    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+        if self.spec is None:
+            raise RuntimeError("start_level must be called before cross")
+        t0, c0 = time.perf_counter(), time.process_time()
+        sent0, recv0 = self.to_fixed.traffic.sent, self.to_fixed.traffic.received
+        feats = self._features(index)
+        w = weight_matrix(u, basis, need)
+        if index is not None and self.sampling_mode == "gms":  # scatter onto the level's rows, locally
+            full = np.zeros((self.level_points, w.shape[1]))
+            full[index.numpy()] = w
+            w = full
+        exps = column_exponents(w, "sum")
+        lay = feats.layout
+        r_total, _, _ = self.evaluator.group_shape(lay, w.shape[1])
+        groups = -(-w.shape[1] // r_total)
+        call = self.calls
+        self.calls += 1
+        masks = uniform_masks(self.prg, f"M/{call}", (groups, lay.slots), self.params.mask_bits)
+        blobs = self.evaluator.products(feats, w / 2.0 ** exps, masks)
+        count = r_total * lay.bb
+        self.to_fixed.send("cross", {"call": call, "count": count}, **pack_bytes(blobs))
+        _, m, reply = self.to_fixed.recv("reply")
+        vals = reply["values"].numpy()
+        if int(m.get("call", -1)) != call or vals.shape != (groups, count) or not np.isfinite(vals).all():
+            raise PeerError("malformed reply from the fixed party")
+        b = int(feats.exps.shape[0])
+        y = (vals - masks[:, :count]).reshape(groups * r_total, lay.bb)[:w.shape[1], :b]
+        y = y * 2.0 ** exps[:, None] * 2.0 ** feats.exps[None, :]
+        y = torch.from_numpy(y)
+        a = u.shape[1]
+        ca, ta = range(a)[need.cross_cols], range(a)[need.total_cols]
+        p = (y.shape[0] - len(ta)) // len(ca) if len(ca) else 0
+        cross = torch.full((p, a, b), float("nan"), dtype=torch.float64)
+        total = torch.full((a, b), float("nan"), dtype=torch.float64)
+        cross[:, need.cross_cols] = y[:p * len(ca)].reshape(p, len(ca), b)
+        total[need.total_cols] = y[p * len(ca):]
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        self.per_call.append({
+            "call": call, "points": int(u.shape[0]), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0, "ciphertexts_sent": len(blobs),
+            "bytes_sent": self.to_fixed.traffic.sent - sent0, "bytes_received": self.to_fixed.traffic.received - recv0,
+        })
+        return CrossResult(cross, total)
+
+    def close(self) -> None:
+        self.evaluator.seal.close()
