@@ -275,3 +275,36 @@ def test_dead_peer_stops_everything_cleanly(pair2d, tmp_path):
         procs = peers["processes"]
     assert all(p.poll() is not None for p in procs)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1"])
+def test_stalled_peer_times_out_cleanly(pair2d, tmp_path, protocol):
+    """Freeze party 2 (SIGSTOP) mid-run: party 1 gives up after its timeout with a clear error,
+    writes no output, and every process is gone afterwards."""
+    import signal
+
+    from privreg.outputs import atomic_outdir
+
+    cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=30,
+                             sampling=Sampling("urs", 0.2, seed=5))
+    out = tmp_path / "out"
+    timeout = 6.0
+    with local_parties(pair2d["fixed_path"], 30.0, dealer=protocol == "mpc") as peers:
+        fixed_proc = peers["processes"][-1]
+
+        def progress(msg):
+            if "it    1" in msg:
+                fixed_proc.send_signal(signal.SIGSTOP)
+
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(PeerError, match="did not answer|stopped reading"):
+                with atomic_outdir(out):
+                    run_moving_party(pair2d["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, timeout,
+                                     progress=progress, protocol=protocol)
+            assert time.monotonic() - t0 < timeout + 10
+        finally:
+            fixed_proc.kill()
+        procs = peers["processes"]
+    assert all(p.poll() is not None for p in procs)
+    assert not out.exists()
