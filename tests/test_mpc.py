@@ -251,60 +251,53 @@ def test_gms_needs_explicit_opt_in(pair2d):
     with pytest.raises(InputError, match="reveal-gms-indices"):
         check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), False)
     check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), True)
+    check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), False, "fhe-v1")  # indices stay local
 
 
-def test_dead_peer_stops_everything_cleanly(pair2d, tmp_path):
-    """Kill party 2 mid-run: party 1 fails fast with a clear error, the dealer exits, no output."""
-    cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=30)
-    out = tmp_path / "out"
-    with local_parties(pair2d["fixed_path"], 20.0) as peers:
-        fixed_proc = peers["processes"][1]
-
-        def progress(msg):
-            if "it    1" in msg:
-                fixed_proc.kill()
-
-        t0 = time.monotonic()
-        from privreg.outputs import atomic_outdir
-
-        with pytest.raises(PeerError, match="fixed"):
-            with atomic_outdir(out):
-                run_moving_party(pair2d["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, 20.0,
-                                 progress=progress)
-        assert time.monotonic() - t0 < 20
-        procs = peers["processes"]
-    assert all(p.poll() is not None for p in procs)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1"])
-def test_stalled_peer_times_out_cleanly(pair2d, tmp_path, protocol):
-    """Freeze party 2 (SIGSTOP) mid-run: party 1 gives up after its timeout with a clear error,
-    writes no output, and every process is gone afterwards."""
-    import signal
-
+def _interrupt_fixed_party(pair2d, out, protocol, action, timeout):
+    """Run party 1 and do ``action(proc)`` to party 2's process after the first iteration; returns
+    (the PeerError raised, seconds until it was raised). Checks no process is left and no OUTDIR."""
     from privreg.outputs import atomic_outdir
 
     cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=30,
                              sampling=Sampling("urs", 0.2, seed=5))
-    out = tmp_path / "out"
-    timeout = 6.0
     with local_parties(pair2d["fixed_path"], 30.0, dealer=protocol == "mpc") as peers:
         fixed_proc = peers["processes"][-1]
 
         def progress(msg):
             if "it    1" in msg:
-                fixed_proc.send_signal(signal.SIGSTOP)
+                action(fixed_proc)
 
         t0 = time.monotonic()
         try:
-            with pytest.raises(PeerError, match="did not answer|stopped reading"):
+            with pytest.raises(PeerError) as err:
                 with atomic_outdir(out):
                     run_moving_party(pair2d["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, timeout,
                                      progress=progress, protocol=protocol)
-            assert time.monotonic() - t0 < timeout + 10
+            elapsed = time.monotonic() - t0
         finally:
             fixed_proc.kill()
         procs = peers["processes"]
-    assert all(p.poll() is not None for p in procs)
+    assert all(p.poll() is not None for p in procs)  # dealer and party 2 gone too
     assert not out.exists()
+    return err.value, elapsed
+
+
+@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1"])
+def test_dead_peer_stops_everything_cleanly(pair2d, tmp_path, protocol):
+    """Kill party 2 mid-run: party 1 fails fast with a clear error, the dealer exits, no output."""
+    err, elapsed = _interrupt_fixed_party(pair2d, tmp_path / "out", protocol, lambda p: p.kill(), 20.0)
+    assert "fixed" in str(err)
+    assert elapsed < 20
+
+
+@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1"])
+def test_stalled_peer_times_out_cleanly(pair2d, tmp_path, protocol):
+    """Freeze party 2 (SIGSTOP) mid-run: party 1 gives up after its timeout with a clear error."""
+    import re
+    import signal
+
+    err, elapsed = _interrupt_fixed_party(pair2d, tmp_path / "out", protocol,
+                                          lambda p: p.send_signal(signal.SIGSTOP), 6.0)
+    assert re.search("did not answer|stopped reading", str(err))
+    assert elapsed < 6.0 + 10

@@ -176,7 +176,7 @@ def _run_moving_party(a: argparse.Namespace, peers):
     moving.check_finite("moving image")
     cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
     cfg.validate()
-    check_secure_config(cfg, a.reveal_gms_indices or a.protocol != "mpc")
+    check_secure_config(cfg, a.reveal_gms_indices, a.protocol)
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     with atomic_outdir(a.outdir) as tmp, peers as p:
         res, grid = run_moving_party(moving, p["fixed"], p.get("dealer"), p["pki"], cfg, a.timeout,

@@ -34,6 +34,7 @@ at scale 2^80 and |y + M| <= 2^25, below the 2^119 modulus. The result is read t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -175,10 +176,8 @@ class _Seal:
         return ct
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a ciphertext file left by an interrupted call
             os.rmdir(self._tmp)
-        except OSError:
-            pass
 
 
 def pack_bytes(blobs: list[bytes]) -> dict[str, Tensor]:
@@ -336,9 +335,9 @@ class Evaluator:
             acc = None
             for j2 in reversed(range(r2)):
                 inner = None
+                k = g * r_total + (t - r1 * j2) % r_total  # output served by each point slot
                 for c in np.nonzero(active[:, g])[0]:
                     for j1 in range(r1):
-                        k = g * r_total + (t - r1 * j2) % r_total
                         e = wc[c, (t + j1) % lay.ppc, k]
                         if not e.any():
                             continue

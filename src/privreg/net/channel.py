@@ -13,6 +13,7 @@ with arrays described in the header (name, dtype, shape); nothing is unpickled. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -190,15 +191,11 @@ class Channel:
         return kind, meta, arrays
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # best effort close_notify; the peer may be gone
             self._tls.unwrap()
             self._flush()
-        except Exception:  # noqa: BLE001 - best effort close_notify
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def _np(v) -> np.ndarray:

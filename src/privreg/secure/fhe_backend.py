@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..basis import Basis, DenseBasis
+from ..basis import Basis
 from ..errors import InputError
 from ..fhe.ckks import CkksParams, Evaluator, column_exponents, pack_bytes, uniform_masks, unpack_bytes
 from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
@@ -25,16 +25,15 @@ from ..net.channel import Channel, PeerError
 MAX_WEIGHT_ENTRIES = 40_000_000  # dense W (points x outputs) party 1 is willing to build (320 MB)
 
 
-def weight_matrix(u: Tensor, basis: Basis, need: Need = ALL) -> np.ndarray:
+def weight_matrix(u: Tensor, phi: Tensor, need: Need = ALL) -> np.ndarray:
     """W (N, P a' + a''): columns (j, a) = Phi_j * U_a for the needed cross columns a (j-major),
-    then the needed total columns U_a."""
+    then the needed total columns U_a. ``phi`` is the dense basis (N, P)."""
     uc, ut = u[:, need.cross_cols].to(torch.float64), u[:, need.total_cols].to(torch.float64)
     n, a = uc.shape
-    p = basis.matrix.shape[1] if isinstance(basis, DenseBasis) else basis.num_basis
+    p = phi.shape[1]
     if n * (p * a + ut.shape[1]) > MAX_WEIGHT_ENTRIES:
         raise InputError(f"the FHE product would need a {n} x {p * a + ut.shape[1]} weight matrix; use fewer "
                          "points (--sampling urs) or a coarser control grid")
-    phi = (basis.matrix if isinstance(basis, DenseBasis) else basis.dense()).to(torch.float64)
     return torch.cat([(phi[:, :, None] * uc[:, None, :]).reshape(n, p * a), ut], 1).numpy()
 
 
@@ -54,6 +53,7 @@ class FHEBackend(JointBackend):
         self.spec: FeatureSpec | None = None
         self.level_points = 0
         self._feats: tuple | None = None  # (key, EncryptedFeatures)
+        self._phi: tuple | None = None  # (key, dense basis): built once per level / fixed sample
         self.stats = BackendStats()
         self.per_call: list[dict] = []
 
@@ -65,6 +65,13 @@ class FHEBackend(JointBackend):
 
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
         self.sample_key = (level, iteration)
+
+    def _dense_basis(self, basis: Basis, index: Tensor | None) -> Tensor:
+        """Phi as a dense float64 matrix, converted once per (level, sample) rather than every call."""
+        key = (self.level, self.sample_key if index is not None else None)
+        if self._phi is None or self._phi[0] != key:
+            self._phi = (key, basis.dense().to(torch.float64))
+        return self._phi[1]
 
     def _features(self, index: Tensor | None):
         """[[V]] for this call's rows: the whole level (full, GMS) or the public URS sample."""
@@ -86,7 +93,7 @@ class FHEBackend(JointBackend):
         t0, c0 = time.perf_counter(), time.process_time()
         sent0, recv0 = self.to_fixed.traffic.sent, self.to_fixed.traffic.received
         feats = self._features(index)
-        w = weight_matrix(u, basis, need)
+        w = weight_matrix(u, self._dense_basis(basis, index), need)
         if index is not None and self.sampling_mode == "gms":  # scatter onto the level's rows, locally
             full = np.zeros((self.level_points, w.shape[1]))
             full[index.numpy()] = w
@@ -110,12 +117,11 @@ class FHEBackend(JointBackend):
         y = y * 2.0 ** exps[:, None] * 2.0 ** feats.exps[None, :]
         y = torch.from_numpy(y)
         a = u.shape[1]
-        ca, ta = range(a)[need.cross_cols], range(a)[need.total_cols]
-        p = (y.shape[0] - len(ta)) // len(ca) if len(ca) else 0
+        p, ca = basis.num_basis, len(range(a)[need.cross_cols])
         cross = torch.full((p, a, b), float("nan"), dtype=torch.float64)
         total = torch.full((a, b), float("nan"), dtype=torch.float64)
-        cross[:, need.cross_cols] = y[:p * len(ca)].reshape(p, len(ca), b)
-        total[need.total_cols] = y[p * len(ca):]
+        cross[:, need.cross_cols] = y[:p * ca].reshape(p, ca, b)
+        total[need.total_cols] = y[p * ca:]
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         self.per_call.append({

@@ -10,6 +10,7 @@ the public setup (configuration, protocol), then one ``level`` message per pyram
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Callable
@@ -52,10 +53,8 @@ def _announce(listener: Listener) -> None:
 def _send_error(ch: Channel | None, exc: BaseException) -> None:
     if ch is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # best effort: the peer may be gone already
         ch.send("error", {"message": str(exc)})
-    except Exception:  # noqa: BLE001 - the peer may be gone already
-        pass
 
 
 # ----------------------------------------------------------------------------- party 2
@@ -242,7 +241,7 @@ def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | No
     ``protocol`` is ``"mpc"`` (needs the dealer) or ``"fhe-v1"`` (CKKS, no dealer)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
-    check_secure_config(cfg, reveal_gms_indices or protocol != "mpc")
+    check_secure_config(cfg, reveal_gms_indices, protocol)
     if protocol == "mpc" and not dealer_address:
         raise InputError("the MPC protocol needs the dealer's address")
     ckks = ckks or CkksParams()
@@ -253,8 +252,8 @@ def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | No
     backend = None
     try:
         to_fixed = connect(fixed_address, ctx, "fixed", timeout, recorder=recorder)
-        key = new_key()
         if to_dealer is not None:
+            key = new_key()
             to_dealer.send("key", {}, key=torch.frombuffer(bytearray(key), dtype=torch.uint8))
         _, hello, _ = to_fixed.recv("hello")
         fixed_grid = grid_from_dict(hello["grid"])

@@ -73,14 +73,16 @@ def grid_from_dict(d: dict) -> Grid:
                 tuple(float(x) for x in d["origin"]), tuple(float(x) for x in d["direction"]))
 
 
-def check_secure_config(cfg: RegistrationConfig, reveal_gms_indices: bool) -> None:
+def check_secure_config(cfg: RegistrationConfig, reveal_gms_indices: bool, protocol: str = "mpc") -> None:
+    """Refuse what a private run cannot do; GMS under MPC needs the explicit opt-in (under FHE the
+    indices never leave party 1)."""
     if cfg.metric not in ("ssd", "mi"):
         raise InputError(f"private registration supports --metric ssd or mi, got {cfg.metric!r}")
     if cfg.transform not in LINEAR + ("bspline",):
         raise InputError(f"private registration supports linear transforms and bspline, got {cfg.transform!r}")
     if cfg.optimizer not in ("auto", "gn"):
         raise InputError("private registration uses Gauss-Newton (--optimizer gn)")
-    if cfg.sampling.mode == "gms" and not reveal_gms_indices:
+    if cfg.sampling.mode == "gms" and protocol == "mpc" and not reveal_gms_indices:
         raise InputError("GMS picks points from the moving image's gradients; sending them to the fixed party "
                          "leaks them. Use --sampling urs, or opt in with --reveal-gms-indices.")
 
