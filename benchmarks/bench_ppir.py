@@ -43,6 +43,8 @@ def cases(tmp: Path) -> list[dict]:
     fixed_bsp = resample(moving, grid, known_bspline(grid, 20.0, 4.0, seed=1))
     write_image(fixed_aff, tmp / "fixed_affine.nii.gz")
     write_image(fixed_bsp, tmp / "fixed_bspline.nii.gz")
+    # CLEAR reads the same files as party 2 (NIfTI stores the geometry in float32)
+    fixed_aff, fixed_bsp = read_image(tmp / "fixed_affine.nii.gz"), read_image(tmp / "fixed_bspline.nii.gz")
     t1 = read_image(data_path("BrainT1SliceBorder20.png"))
     pd = read_image(data_path("BrainProtonDensitySliceShifted13x17y.png"))
     out = []
@@ -53,7 +55,7 @@ def cases(tmp: Path) -> list[dict]:
                     "cfg": dict(transform="affine", metric="ssd", levels=(2, 1), max_iter=50, sampling=s)})
     out.append({"name": "SSD B-spline 2D urs", "fixed": fixed_bsp, "moving": moving, "path": str(tmp / "fixed_bspline.nii.gz"),
                 "cfg": dict(transform="bspline", metric="ssd", levels=(2, 1), max_iter=30, grid_spacing=20.0,
-                            reg_weight=0.01, sampling=Sampling("urs", 0.2, seed=3, redraw=False))})
+                            sampling=Sampling("urs", 0.2, seed=3, redraw=False))})
     out.append({"name": "MI rigid 2D urs (T1 vs PD)", "fixed": t1, "moving": pd,
                 "path": str(data_path("BrainT1SliceBorder20.png")),
                 "cfg": dict(transform="rigid", metric="mi", levels=(4, 2, 1), max_iter=30,

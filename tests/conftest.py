@@ -48,6 +48,8 @@ def pair2d(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
     write_image(fixed, d / "fixed.nii.gz")
     write_image(warped, d / "fixed_bspline.nii.gz")
+    # CLEAR runs use the images party 2 reads (NIfTI stores the geometry in float32)
+    fixed, warped = read_image(d / "fixed.nii.gz"), read_image(d / "fixed_bspline.nii.gz")
     return {"fixed": fixed, "moving": moving, "fixed_path": str(d / "fixed.nii.gz"), "truth": truth,
             "bspline": {"fixed": warped, "moving": moving, "fixed_path": str(d / "fixed_bspline.nii.gz"), "truth": field}}
 

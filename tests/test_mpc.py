@@ -45,7 +45,7 @@ def test_int_cross_is_exact_mod_2_64():
 def _protocol(basis, u, v, one_hot=False):
     """The product protocol's algebra in one place (the parties run exactly these steps)."""
     n = u.shape[0]
-    v_int, v_bits, v_range = encode_features(v, one_hot)
+    v_int, v_bits, v_range, v_limbs = encode_features(v, one_hot)
     phi = IntBasis.from_basis(basis, phi_bits(n, v_range))
     u_bits = column_bits(phi, u, v_range)
     u_int = encode(u, u_bits)
@@ -53,12 +53,12 @@ def _protocol(basis, u, v, one_hot=False):
     p1, p2, d1, d2 = Prg(k1), Prg(k2), Prg(k1), Prg(k2)
     vh = v_int - p2.ring("Rb", tuple(v_int.shape))  # party 2 -> party 1, once
     ra = p1.ring("Ra/0", tuple(u_int.shape))
-    t1 = p1.ring("t1/0", (LIMBS, phi.num_basis, u.shape[1], v.shape[1]))
+    t1 = p1.ring("t1/0", (LIMBS, phi.num_basis, u.shape[1], v_int.shape[1]))
     rb = d2.ring("Rb", tuple(v_int.shape))
     t2 = int_cross(phi, d1.ring("Ra/0", tuple(u_int.shape)), rb) - d1.ring("t1/0", tuple(t1.shape))  # dealer
     uh = u_int - ra  # party 1 -> party 2
     z = int_cross(phi, uh, v_int) + t2  # party 2 -> party 1
-    return decode_cross(z + t1 + int_cross(phi, ra, vh), u_bits, v_bits, phi), (uh, vh)
+    return decode_cross(z + t1 + int_cross(phi, ra, vh), u_bits, v_bits, phi, v_limbs), (uh, vh)
 
 
 @pytest.mark.parametrize("kind", ["dense", "spline", "onehot"])
@@ -78,9 +78,11 @@ def test_product_protocol_matches_plaintext(kind):
         v = torch.stack([j, j * j], 1)
     (cross, total), _ = _protocol(basis, u, v, kind == "onehot")
     ref = basis.adjoint((u[:, :, None] * v[:, None, :]).reshape(n, -1)).reshape(-1, 4, v.shape[1])
-    # random-sign data is the worst case for fixed point (sums cancel); real images do better
+    # random-sign data is the worst case for fixed point (sums cancel); real images do better.
+    # Dense features carry 32 bits: the totals (the SSD cost terms) are then good to ~1e-8.
     assert float((cross - ref).abs().max() / ref.abs().max()) < 2e-4
-    assert torch.allclose(total, u.T @ v, rtol=0, atol=2e-4 * float((u.T @ v).abs().max()))
+    tol = 2e-4 if kind == "onehot" else 1e-8
+    assert bool(((total - u.T @ v).abs() <= tol * (u.abs().T @ v.abs())).all())
 
 
 def test_masked_values_are_uniform_and_independent_of_the_image():
@@ -224,24 +226,19 @@ def test_private_registration_equals_clear(pair2d, secure_run, transform, metric
             assert abs(np.corrcoef(col, j)[0, 1]) < 0.05
 
 
-def test_private_bspline_recovers_a_known_field(pair2d, secure_run):
-    """Cubic B-spline FFD, SSD, Gauss-Newton in MPC: the known field is found as well as in the clear.
-
-    (Point-for-point equality with the clear run is not reached yet for B-splines: the fixed-point
-    rounding of the cost flips Levenberg-Marquardt accept/reject decisions on this ill-conditioned
-    problem, so the two runs take different paths to equally good answers.)
-    """
-    from privreg.evaluate import mean_displacement_error
+def test_private_bspline_equals_clear(pair2d, secure_run):
+    """Cubic B-spline FFD, SSD, Gauss-Newton in MPC: same transform as CLEAR (0.01 mm RMSE over the
+    whole grid, background included) and the known field is recovered."""
+    from privreg.evaluate import displacement_rmse, mean_displacement_error
 
     case = pair2d["bspline"]
-    kw = dict(transform="bspline", metric="ssd", levels=(2, 1), max_iter=30, grid_spacing=24.0, reg_weight=0.01)
+    kw = dict(transform="bspline", metric="ssd", levels=(2, 1), max_iter=30, grid_spacing=24.0)
     private = secure_run(case, RegistrationConfig(**kw))
     clear = register(case["fixed"], case["moving"], **kw)
     grid = case["fixed"].grid
+    assert float(displacement_rmse(private.transform, clear.transform, grid)) < 0.01
     mask = (case["fixed"].data > 0.05 * case["fixed"].data.max()).reshape(-1)
-    err_private = mean_displacement_error(private.transform, case["truth"], grid, mask)
-    err_clear = mean_displacement_error(clear.transform, case["truth"], grid, mask)
-    assert err_private < 0.1 and err_clear < 0.1
+    assert mean_displacement_error(private.transform, case["truth"], grid, mask) < 0.1
 
 
 def test_gms_needs_explicit_opt_in(pair2d):

@@ -160,7 +160,7 @@ def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", d
         pts = grid.points()
         if transform is not None:
             pts = transform.transform_grid(grid) if hasattr(transform, "transform_grid") else transform(pts)
-        pts = pts.to(torch.float32)
+        pts = pts.to(torch.float64 if image.data.dtype == torch.float64 else torch.float32)
     vals, inside = sample(image.data, image.grid, pts, mode=mode, padding_mode="border")
     vals = torch.where(inside, vals, torch.as_tensor(default, dtype=vals.dtype))
     return Image(vals.reshape(grid.shape), grid)
@@ -175,10 +175,13 @@ def gaussian_kernel1d(sigma_vox: float) -> Tensor:
 
 
 def smooth(data: Tensor, grid: Grid, sigma_mm: float | tuple[float, ...]) -> Tensor:
-    """Separable Gaussian smoothing of a grid.shape tensor, sigma in mm, replicate borders."""
+    """Separable Gaussian smoothing of a grid.shape tensor, sigma in mm, replicate borders.
+
+    Computes in float32, or in float64 for float64 input (party 2's features: two processes must
+    get the same numbers, and float32 convolutions differ by thread count)."""
     d = grid.ndim
     sig = (sigma_mm,) * d if isinstance(sigma_mm, (int, float)) else tuple(sigma_mm)
-    out = data[None, None].to(DTYPE)
+    out = data[None, None].to(torch.float64 if data.dtype == torch.float64 else DTYPE)
     for axis in range(d):  # axis in (x, y, z) order; tensor dim = 2 + (d - 1 - axis)
         s = sig[axis] / grid.spacing[axis]
         if s <= 0.05 or grid.size[axis] < 2:
@@ -192,7 +195,7 @@ def smooth(data: Tensor, grid: Grid, sigma_mm: float | tuple[float, ...]) -> Ten
         pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r  # F.pad order: last dim first
         xp = F.pad(out, pad, mode="replicate")
         conv = F.conv2d if d == 2 else F.conv3d
-        out = conv(xp, k.reshape(shape))
+        out = conv(xp, k.reshape(shape).to(out.dtype))
     return out[0, 0]
 
 

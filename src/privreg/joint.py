@@ -63,7 +63,7 @@ class FixedSide:
 
     def __init__(self, fixed: Image, levels: list[PyramidLevel], normalize: bool = True) -> None:
         data = normalize_intensity(fixed.data) if normalize else fixed.data
-        self.fixed = Image(data, fixed.grid)
+        self.fixed = Image(data.to(torch.float64), fixed.grid)  # float64: reproducible in any process
         self.levels = levels
 
     def level_grid(self, level: int) -> Grid:

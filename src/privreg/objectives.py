@@ -40,14 +40,15 @@ class MovingLevel:
 
     @staticmethod
     def build(image: Image, mask: Image | None = None) -> "MovingLevel":
-        g = gradient(image.data, image.grid)
-        ch = torch.cat([image.data[None], g], 0)
+        data = image.data.to(F64)  # float64: the SSD cost cancels (sum I^2 - 2 I J + J^2)
+        g = gradient(data, image.grid)
+        ch = torch.cat([data[None], g], 0)
         vals = image.data[mask.data > 0] if mask is not None else image.data
         return MovingLevel(image, ch, mask, float(vals.min()), float(vals.max()))
 
     def values(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Intensity (N,), world gradient (N, d) and inside-mask (N,) at moving-space points."""
-        out, inside = sample(self.channels, self.image.grid, points.to(torch.float32))
+        out, inside = sample(self.channels, self.image.grid, points.to(F64))
         if self.mask is not None:
             mv, _ = sample(self.mask.data.to(torch.float32), self.mask.grid, points.to(torch.float32), mode="nearest")
             inside = inside & (mv > 0)
@@ -129,6 +130,7 @@ class JointObjective:
 
     def start(self, level: int) -> None:
         self.backend.start_level(level, self.spec)
+        self._lam: float | None = None
 
     def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pts = self.points if index is None else self.points[index]
@@ -156,7 +158,7 @@ class JointObjective:
         basis = self.model.basis(self.grid, pts, index)
         d = self.model.ndim
         if self.metric == "ssd":
-            ev = self._ssd(i_w, g, m, nvalid, basis, d, index)
+            ev = self._ssd(i_w, g, m, float(m.numel()), basis, d, index)  # fixed n: no jump when a point leaves
         else:
             ev = self._mi(i_w, g, m, nvalid, basis, d, index)
         ev.num_points, ev.basis, ev.g_outer = int(nvalid), basis, g * m[:, None]
@@ -210,17 +212,26 @@ class JointObjective:
 
     # ------------------------------------------------------- regularisation
     def _add_regularizer(self, ev: Evaluation) -> None:
+        """Add ``reg_weight`` x the control-grid penalty 1/2 c^T K c, scaled to the data term.
+
+        The weight is relative: lambda = reg_weight x mean(diag H_data) / diag(K), fixed at the
+        first evaluation of a level, so the same ``reg_weight`` means the same balance whatever the
+        intensity scale, image size or grid spacing. H_data is party 1's own Gauss-Newton Hessian
+        (moving-image gradients only), so choosing lambda reveals nothing about the fixed image.
+        """
         if self.reg_weight <= 0 or self.model.kind != "spline":
             return
         shape = self.model.inner.ctrl.shape
         coef = self.model.inner.coefficients.detach().to(F64)
-        sp = torch.tensor(self.model.inner.ctrl.spacing, dtype=F64).min()
-        lam = self.reg_weight / float(coef.shape[0]) / float(sp) ** (2 if self.reg_kind == "diffusion" else 4)
+        d = coef.shape[1]
+        kdiag = 2.0 * len(shape) if self.reg_kind == "diffusion" else (2.0 * len(shape)) ** 2
+        if getattr(self, "_lam", None) is None:
+            hdiag = torch.diagonal(ev.hess) if ev.hess is not None else ev.hess_diag
+            self._lam = self.reg_weight * max(float(hdiag.to(F64).mean()), 1e-30) / kdiag
+        lam = self._lam
         kc = control_grid_operator(coef, shape, self.reg_kind)
         ev.value += 0.5 * lam * float((coef * kc).sum())
         ev.grad = ev.grad + lam * kc.reshape(-1)
-        d = coef.shape[1]
-        kdiag = 4.0 * len(shape) if self.reg_kind == "diffusion" else (4.0 * len(shape)) ** 2
         if ev.hess is not None:
             eye = torch.eye(coef.numel(), dtype=F64)
             kmat = torch.stack([control_grid_operator(e.reshape(-1, d), shape, self.reg_kind).reshape(-1) for e in eye])

@@ -45,7 +45,7 @@ class RegistrationConfig:
     sampling: Sampling = field(default_factory=Sampling)
     bins: int = 32
     grid_spacing: float = 10.0  # mm, B-spline control points / displacement & SVF field spacing
-    reg_weight: float = 0.0
+    reg_weight: float | None = None  # None: 3e-3 for B-spline Gauss-Newton (relative to the data term), else 0
     reg_kind: str = "bending"
     init: str = "geometry"  # geometry | moments | identity
     normalize: bool | None = None  # None: rescale to [0, 1] for mi/ncc/lncc/mind, keep SSD's shared scale
@@ -64,6 +64,10 @@ class RegistrationConfig:
             raise InputError("levels must be shrink factors >= 1")
         if self.normalize is None:
             self.normalize = self.metric != "ssd"
+        if self.reg_weight is None:
+            self.reg_weight = 3e-3 if self.transform == "bspline" and self.uses_seam() else 0.0
+        if self.reg_weight < 0:
+            raise InputError("--reg-weight must be >= 0")
         if self.metric in ("lncc", "mind") and self.sampling.mode != "full":
             raise InputError(f"{self.metric} needs full sampling")
 

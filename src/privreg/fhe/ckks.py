@@ -341,8 +341,11 @@ class Evaluator:
                         e = wc[c, (t + j1) % lay.ppc, k]
                         if not e.any():
                             continue
+                        pt = seal.plain(np.repeat(e, lay.bb), w_scale)
+                        if pt.is_zero():  # tiny weights that round to nothing (SEAL refuses a "transparent" product)
+                            continue
                         prod = sealapi.Ciphertext()
-                        seal.evaluator.multiply_plain(feats.baby[c][j1], seal.plain(np.repeat(e, lay.bb), w_scale), prod)
+                        seal.evaluator.multiply_plain(feats.baby[c][j1], pt, prod)
                         if inner is None:
                             inner = prod
                         else:

@@ -28,7 +28,8 @@ from ..basis import Basis, DenseBasis, KroneckerBasis, SparseBasis
 from .ring import I64, decode, encode
 
 PHI_BITS = 13  # default relative precision of the public basis (see :func:`phi_bits`)
-V_BITS = 16  # relative precision of party 2's features (one-hot features are exact, 0 bits)
+V_BITS = 16  # bits per limb of party 2's features (one-hot features are exact, 0 bits)
+V_LIMBS = 2  # dense features (SSD: J, J^2) are split in limbs: V_LIMBS * V_BITS bits of relative precision
 HEADROOM = 62  # results must stay below 2^62 in magnitude
 
 
@@ -159,21 +160,41 @@ def column_bits(phi: IntBasis, u: Tensor, v_bits: int) -> Tensor:
     return bits.clamp(max=52)
 
 
-def encode_features(v: Tensor, one_hot: bool) -> tuple[Tensor, Tensor, int]:
-    """Party 2: V (N, b) -> (V_int, per-column frac bits, v_bits). One-hot features are exact."""
+def feature_columns(kind: str, bins: int) -> int:
+    """Columns of party 2's encoded features: SSD (J, J^2) in V_LIMBS limbs each; MI one-hot bins."""
+    return 2 * V_LIMBS if kind == "ssd" else bins
+
+
+def encode_features(v: Tensor, one_hot: bool) -> tuple[Tensor, Tensor, int, int]:
+    """Party 2: V (N, b) -> (V_int (N, limbs * b), per-column frac bits, bits per limb, limbs).
+
+    One-hot features are exact (one limb, 0 bits). Dense features get V_LIMBS * V_BITS bits relative
+    to each column's largest value, split into limbs of V_BITS bits (most significant limb first),
+    because the SSD cost sum (I - J)^2 = sum I^2 - 2 I J + J^2 cancels: 16 bits of J alone shift the
+    cost by more than a Gauss-Newton step changes it near convergence.
+    """
     if one_hot:
-        return v.to(I64), torch.zeros(v.shape[1], dtype=I64), 0
+        return v.to(I64), torch.zeros(v.shape[1], dtype=I64), 0, 1
     e = torch.ceil(torch.log2(v.abs().amax(0).to(torch.float64).clamp(min=2.0**-20))).to(I64)
-    f = V_BITS - e
-    return encode(v, f), f, V_BITS
+    f = V_LIMBS * V_BITS - e
+    full = encode(v, f)
+    limbs = []
+    for _ in range(V_LIMBS - 1):
+        limbs.append(full & ((1 << V_BITS) - 1))
+        full = full >> V_BITS
+    limbs.append(full)
+    limbs = limbs[::-1]  # most significant first
+    bits = torch.cat([f - V_BITS * (V_LIMBS - 1 - li) for li in range(V_LIMBS)])
+    return torch.cat(limbs, 1), bits, V_BITS, V_LIMBS
 
 
-def decode_cross(z: Tensor, u_bits: Tensor, v_bits: Tensor, phi: IntBasis) -> tuple[Tensor, Tensor]:
-    """Opened (L, P+1, a, b) ring result -> (cross (P, a, b), total (a, b)) in float64."""
+def decode_cross(z: Tensor, u_bits: Tensor, v_bits: Tensor, phi: IntBasis, v_limbs: int = 1) -> tuple[Tensor, Tensor]:
+    """Opened (L, P+1, a, limbs * b) ring result -> (cross (P, a, b), total (a, b)) in float64."""
     limbs = z.shape[0]
     out = torch.zeros(z.shape[1:], dtype=torch.float64)
     for li in range(limbs):  # most significant limb first
         shift = phi.limb_bits * (limbs - 1 - li)
         f = u_bits[:, None] + v_bits[None, :] + (phi.frac_bits - shift)
         out += decode(z[li], f[None])
+    out = out.reshape(out.shape[0], out.shape[1], v_limbs, -1).sum(2)
     return out[:-1], out[-1]

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..basis import Basis
 from ..errors import InputError
 from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
-from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, int_cross, phi_bits
+from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, feature_columns, int_cross, phi_bits
 from ..mpc.ring import Prg, encode
 from ..net.channel import Channel, PeerError
 
@@ -38,6 +38,9 @@ class MPCBackend(JointBackend):
         self.to_fixed.send("level", meta)
         _, m, arr = self.to_fixed.recv("features")
         self.vh, self.v_bits, self.v_range = arr["vh"], arr["v_bits"], int(m["v_range"])
+        self.v_limbs = int(m["v_limbs"])
+        if self.vh.shape[1] != feature_columns(spec.kind, spec.bins) or self.v_bits.shape[0] != self.vh.shape[1]:
+            raise PeerError("fixed party sent features of the wrong shape")
         self.level = level
 
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
@@ -79,7 +82,7 @@ class MPCBackend(JointBackend):
         z = reply["z"]
         if tuple(z.shape) != tuple(local.shape):
             raise PeerError(f"fixed party sent a reply of shape {tuple(z.shape)}, expected {tuple(local.shape)}")
-        cross, total = decode_cross(z + t1 + local, u_bits, self.v_bits, phi)
+        cross, total = decode_cross(z + t1 + local, u_bits, self.v_bits, phi, self.v_limbs)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         self.per_call.append({

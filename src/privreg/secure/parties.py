@@ -21,7 +21,7 @@ from ..errors import InputError, PrivregError
 from ..fhe.ckks import CkksParams, KeyOwner, pack_bytes, unpack_bytes
 from ..image import Image, read_image
 from ..joint import FeatureSpec, FixedSide
-from ..mpc.product import LIMBS, encode_features, int_cross
+from ..mpc.product import LIMBS, encode_features, feature_columns, int_cross
 from ..mpc.ring import Prg, new_key
 from ..net.channel import Channel, Listener, PeerError, Traffic, connect
 from ..net.pki import tls_context
@@ -122,10 +122,10 @@ def _serve_mpc(moving: Channel, to_dealer: Channel, side: FixedSide, session: Pu
             spec = FeatureSpec(meta["kind"], int(meta["bins"]))
             v = side.features(level, spec)
             one_hot = spec.kind == "mi"
-            v_int, v_bits, v_range = encode_features(v, one_hot)
+            v_int, v_bits, v_range, v_limbs = encode_features(v, one_hot)
             bins = v.argmax(1) if one_hot else None
             rb = prg.ring(f"Rb/{level}", tuple(v_int.shape))
-            moving.send("features", {"v_range": v_range}, vh=v_int - rb, v_bits=v_bits)
+            moving.send("features", {"v_range": v_range, "v_limbs": v_limbs}, vh=v_int - rb, v_bits=v_bits)
             continue
         index, phi = session.call_basis(level, meta, arr)
         uh = arr["uh"]
@@ -206,7 +206,7 @@ def run_dealer(listen: str, pki: str, timeout: float = 120.0) -> dict:
                 return stats
             if kind == "level":
                 level = int(meta["level"])
-                b = 2 if meta["kind"] == "ssd" else int(meta["bins"])
+                b = feature_columns(meta["kind"], int(meta["bins"]))
                 rb = prg2.ring(f"Rb/{level}", (session.level_grid(level).numel, b))
                 continue
             call = int(meta["call"])
