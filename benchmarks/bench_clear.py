@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from privreg.demo import known_affine, known_bspline  # noqa: E402
+from privreg.demo import known_affine, known_bspline, synthetic_t2  # noqa: E402
 from privreg.evaluate import dice, jacobian_stats  # noqa: E402
 from privreg.grid import Grid  # noqa: E402
 from privreg.image import Image, read_image, resample, smooth, to_sitk, write_image  # noqa: E402
@@ -49,26 +49,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def at_2mm(img: Image) -> Image:
     grid = img.grid.downsample(2.0)
     return resample(Image(smooth(img.data, img.grid, 0.85), img.grid), grid)
-
-
-def synthetic_t2(t1: Image, gm: Image, wm: Image) -> Image:
-    """T2-like contrast: CSF bright, GM mid, WM dark, by a non-monotonic map of the T1 intensities.
-
-    The tissue maps give each class's mean T1 intensity; the map sends CSF -> 1.0, GM -> 0.6,
-    WM -> 0.3 (piecewise linear, background stays 0). Built from the T1 itself, the pair is exactly
-    aligned: contrasts painted voxel-wise from the ICBM GM/WM maps are not (MI puts their optimum
-    0.3-2 mm away from the T1's), so they cannot serve as ground truth at 0.1 mm.
-    """
-    g, w, x = gm.data.clamp(0, 1), wm.data.clamp(0, 1), t1.data
-    brain = smooth(g + w, gm.grid, 2.0) > 0.5
-    m_csf = float(x[brain & (g + w < 0.1)].median())
-    m_gm, m_wm = float(x[g > 0.9].median()), float(x[w > 0.9].median())
-    knots_x = torch.tensor([0.0, m_csf, m_gm, m_wm, float(x.max())], dtype=x.dtype)
-    knots_y = torch.tensor([0.0, 1.0, 0.6, 0.3, 0.2], dtype=x.dtype)
-    k = torch.bucketize(x.clamp(0, float(x.max())), knots_x[1:-1])
-    x0, x1, y0, y1 = knots_x[k], knots_x[k + 1], knots_y[k], knots_y[k + 1]
-    data = y0 + (y1 - y0) * (x.clamp(min=0) - x0) / (x1 - x0).clamp(min=1e-6)
-    return Image(data * 1000, t1.grid)
 
 
 def make_cases(names: list[str]) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""PPIR-FHE-v1 (CKKS): the packed product, the keys party 1 may hold, masking, end to end."""
+"""PPIR-FHE-v1 and -v2 (CKKS): the packed products, the keys each party may hold, masking, end to end."""
 
 
 import numpy as np
@@ -54,6 +54,24 @@ def test_packed_product_matches_plaintext(keys, n, b, k, sparse):
     assert err.max() < 4 * expected_error(PARAMS)
 
 
+@pytest.mark.parametrize("n,b,k", [(3000, 2, 8), (700, 3, 40)])
+def test_replicated_product_matches_plaintext(n, b, k):
+    """FHE-v2, party 2's half: [[W]] (party 1's key) times plaintext V, rotate-and-sum, masked by R."""
+    party1 = KeyOwner(PARAMS)  # party 1 owns this key pair; party 2 gets only its public context
+    party2 = Evaluator(party1.public_context(), PARAMS)
+    rng = np.random.default_rng(k)
+    v = rng.random((n, b))
+    w = rng.standard_normal((n, k))
+    w = w / 2.0 ** column_exponents(w, "sum")
+    r = uniform_masks(Prg(new_key()), "R", (b, PARAMS.slots), PARAMS.mask_bits)
+    out = party2.replicated_products(party1.encrypt_packed(w, PARAMS.w_scale_bits), k, v, r)
+    y = party1.decrypt(out, k) - r[:, :k]  # (b, k)
+    # log2(slots / bb) rotations add key-switching noise on top of the decoding error
+    assert np.abs(y.T - w.T @ v).max() < 8 * expected_error(PARAMS)
+    with pytest.raises(PeerError, match="layout"):
+        party2.replicated_products(party1.encrypt_packed(w[:10], PARAMS.w_scale_bits), k, v, r)
+
+
 def test_party2_sees_only_masked_values(keys):
     """What party 2 decrypts is the mask plus a value below 1: flat, and independent of y."""
     rng = np.random.default_rng(3)
@@ -103,24 +121,29 @@ def test_parameters_meet_128_bit_security():
 
 
 # --------------------------------------------------------------- processes, end to end
-@pytest.mark.parametrize("transform,metric,sampling", [
-    ("affine", "ssd", Sampling("urs", 0.2, seed=5)),
-    ("affine", "ssd", Sampling("gms", 0.2, seed=5)),
-    ("rigid", "mi", Sampling("urs", 0.1, seed=5, redraw=False)),
+@pytest.mark.parametrize("protocol,transform,metric,sampling", [
+    ("fhe-v1", "affine", "ssd", Sampling("urs", 0.2, seed=5)),
+    ("fhe-v1", "affine", "ssd", Sampling("gms", 0.2, seed=5)),
+    ("fhe-v1", "rigid", "mi", Sampling("urs", 0.1, seed=5, redraw=False)),
+    ("fhe-v2", "affine", "ssd", Sampling("urs", 0.2, seed=5)),
 ])
-def test_fhe_registration_equals_clear(pair2d, secure_run, transform, metric, sampling):
+def test_fhe_registration_equals_clear(pair2d, secure_run, protocol, transform, metric, sampling):
     kw = dict(transform=transform, metric=metric, levels=(2, 1), max_iter=30, sampling=sampling, bins=16)
     clear = register(pair2d["fixed"], pair2d["moving"], **kw)
     recorder: list = []
-    private = secure_run(pair2d, RegistrationConfig(**kw), recorder, protocol="fhe-v1")
+    private = secure_run(pair2d, RegistrationConfig(**kw), recorder, protocol=protocol)
     assert displacement_rmse(private.transform, clear.transform, pair2d["fixed"].grid) < 0.01
     assert private.report["iterations"] == clear.report["iterations"]
     sec = private.report["secure"]
-    assert sec["protocol"] == "fhe-v1" and "dealer" not in sec
-    # per call party 1 sends a few ciphertexts (one per 4096 / bb outputs), nothing else
+    assert sec["protocol"] == protocol and "dealer" not in sec
+    # per call party 1 sends a few ciphertexts (v1: one per 4096 / bb outputs; v2: plus its encrypted
+    # half of W, outputs x points / 4096), nothing else
     per = sec["per_call"][0]
-    assert per["ciphertexts_sent"] <= (2 if metric == "ssd" else 4)
+    assert per["ciphertexts_sent"] <= {"fhe-v1": 2 if metric == "ssd" else 4, "fhe-v2": 4}[protocol]
     assert sec["moving"]["online_bytes_sent_per_call"] < per["ciphertexts_sent"] * 300_000
+    if protocol == "fhe-v2":  # party 1's own key: party 2 received only its public context
+        ctx = next(arr["context"] for d, kind, _, arr in recorder if d == "sent" and kind == "context")
+        assert load_public_context(np.asarray(ctx).tobytes()).is_public()
     # GMS points never leave party 1; party 2 is only ever told level and iteration numbers
     sent = [(kind, meta, arr) for d, kind, meta, arr in recorder if d == "sent"]
     assert all("index" not in arr for _, _, arr in sent)

@@ -280,7 +280,7 @@ def _interrupt_fixed_party(pair2d, out, protocol, action, timeout):
     return err.value, elapsed
 
 
-@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1"])
+@pytest.mark.parametrize("protocol", ["mpc", "fhe-v1", "fhe-v2"])
 def test_dead_peer_stops_everything_cleanly(pair2d, tmp_path, protocol):
     """Kill party 2 mid-run: party 1 fails fast with a clear error, the dealer exits, no output."""
     err, elapsed = _interrupt_fixed_party(pair2d, tmp_path / "out", protocol, lambda p: p.kill(), 20.0)

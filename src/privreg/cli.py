@@ -43,7 +43,8 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="mpc", choices=["mpc", "fhe-v1", "fhe-v2"],
-                   help="mpc: secret sharing with a dealer; fhe-v1: CKKS, party 2 keeps the key (party 1 chooses)")
+                   help="mpc: secret sharing with a dealer; fhe-v1: CKKS, party 2 keeps the key; fhe-v2: CKKS with "
+                        "the work split between the parties, one key pair each (party 1 chooses)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer before giving up")
     p.add_argument("--reveal-gms-indices", action="store_true",
                    help="allow GMS: its points (from the moving image's gradients) are sent to the fixed party")
@@ -187,10 +188,6 @@ def _run_moving_party(a: argparse.Namespace, peers):
 
 
 def cmd_secure_register(a: argparse.Namespace) -> int:
-    if a.protocol == "fhe-v2":
-        from .errors import InputError
-
-        raise InputError("protocol 'fhe-v2' is not available yet (use mpc or fhe-v1)")
     from .secure.launch import local_parties
 
     res = _run_moving_party(a, local_parties(a.fixed, a.timeout, dealer=a.protocol == "mpc"))

@@ -113,6 +113,7 @@ class Evaluation:
     num_points: int = 0
     basis: Basis | None = None
     g_outer: Tensor | None = None  # (N, d) L^T grad I at points, for step sizes
+    ssd_state: tuple | None = None  # SSD: (index, m I_w, m, sum m I_w^2, data value) for the next increment
 
 
 class JointObjective:
@@ -147,7 +148,15 @@ class JointObjective:
         _, _, g, inside = self.warped(None)
         return torch.linalg.norm(g, dim=1) * inside
 
-    def evaluate(self, index: Tensor | None) -> Evaluation:
+    def evaluate(self, index: Tensor | None, reference: Evaluation | None = None) -> Evaluation:
+        """Value, gradient and Gauss-Newton Hessian at the current theta on the points ``index``.
+
+        ``reference``: an earlier evaluation on the same points (the last accepted iterate). SSD then
+        gets its value as reference value + increment, the increment's joint terms being products
+        of the *changes* m I_w - m' I_w' and m - m' with J: the cost sum I^2 - 2 I J + J^2 cancels, so
+        a backend's relative error (fixed point, CKKS) would otherwise swamp the small differences
+        that Levenberg-Marquardt compares. Same number of columns, so the same traffic.
+        """
         pts, i_w, g, inside = self.warped(index)
         m = inside.to(F64)
         nvalid = float(m.sum())
@@ -158,7 +167,10 @@ class JointObjective:
         basis = self.model.basis(self.grid, pts, index)
         d = self.model.ndim
         if self.metric == "ssd":
-            ev = self._ssd(i_w, g, m, float(m.numel()), basis, d, index)  # fixed n: no jump when a point leaves
+            ref = reference.ssd_state if reference is not None else None
+            if ref is not None and not _same_points(ref[0], index):
+                ref = None
+            ev = self._ssd(i_w, g, m, float(m.numel()), basis, d, index, ref)  # fixed n: no jump when a point leaves
         else:
             ev = self._mi(i_w, g, m, nvalid, basis, d, index)
         ev.num_points, ev.basis, ev.g_outer = int(nvalid), basis, g * m[:, None]
@@ -166,20 +178,30 @@ class JointObjective:
         return self._chain(ev)
 
     # ------------------------------------------------------------------ SSD
-    def _ssd(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
-        u = torch.cat([g * m[:, None], (m * i_w)[:, None], m[:, None]], 1)
+    def _ssd(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None, ref: tuple | None) -> Evaluation:
+        mi = m * i_w
+        sum_ii = float((mi * i_w).sum())
+        if ref is None:  # absolute: sum m I^2 - 2 sum m I J + sum m J^2
+            cols = [mi, m]
+        else:  # increment from the reference: the same sums over the changes
+            cols = [mi - ref[1], m - ref[2]]
+        u = torch.cat([g * m[:, None], cols[0][:, None], cols[1][:, None]], 1)
         res = self.backend.cross(u, basis, index, Need(slice(0, d), slice(d, d + 2)))
         r = res.cross[:, :d, 0]  # S^T J  (P, d)
-        sum_ij = res.total[d, 0]
-        sum_jj = res.total[d + 1, 1]
-        value = float(((m * i_w * i_w).sum() - 2 * sum_ij + sum_jj) / n)
+        sum_ij = float(res.total[d, 0])
+        sum_jj = float(res.total[d + 1, 1])
+        if ref is None:
+            value = (sum_ii - 2 * sum_ij + sum_jj) / n
+        else:
+            value = ref[4] + (sum_ii - ref[3] - 2 * sum_ij + sum_jj) / n
+        state = (index, mi, m, sum_ii, value)
         local = basis.adjoint(g * (m * i_w)[:, None])  # sum Phi m g I_w
         grad = (2.0 / n) * (local - r).reshape(-1)
         gm = g * m[:, None]
         if isinstance(basis, DenseBasis):
             s = (basis.matrix[:, :, None] * gm[:, None, :]).reshape(gm.shape[0], -1)
             hess = (2.0 / n) * (s.T @ s)
-            return Evaluation(value, grad, hess)
+            return Evaluation(value, grad, hess, ssd_state=state)
 
         def matvec(v: Tensor) -> Tensor:
             disp = basis.apply(v.reshape(-1, d))  # (N, d)
@@ -187,7 +209,7 @@ class JointObjective:
             return (2.0 / n) * basis.adjoint(gm * s_v).reshape(-1)
 
         diag = (2.0 / n) * basis.adjoint_squared(gm * gm).reshape(-1)
-        return Evaluation(value, grad, None, matvec, diag)
+        return Evaluation(value, grad, None, matvec, diag, ssd_state=state)
 
     # ------------------------------------------------------------------- MI
     def _mi(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
@@ -249,6 +271,12 @@ class JointObjective:
         ev.hess = jac.T @ ev.hess @ jac
         return ev
 
+
+
+def _same_points(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 class AutogradObjective:

@@ -25,6 +25,13 @@ Packing (PPIR-FHE-v1, sec. 3.3.2, made rotation-cheap):
   drowns the CKKS noise term (that would otherwise tell party 1, who built the ciphertext, about
   party 2's secret key: Li & Micciancio 2021).
 
+FHE-v2 (workload sharing): party 1 also owns a key pair. For the second half of a call's rows it
+packs its normalised weights W_2 point-major (slot p * bb + k holds W_2[p, k]) and encrypts them under
+its own key; party 2 (:meth:`Evaluator.replicated_products`, on party 1's public context) multiplies
+each ciphertext by its plaintext V_2[:, b] replicated over the bb output slots of each point (the
+paper's replicate_d), adds the chunks and rotate-and-sums by bb, 2 bb, ..., slots / 2, so slot k holds
+y_2[k, b]; it adds a uniform mask R plus flooding noise before party 1 decrypts.
+
 Parameters (:class:`CkksParams`): N = 8192, coefficient moduli 60 + 60 bits plus a 60-bit special
 prime (180 bits <= 218, the HE standard's bound for 128-bit classical security at N = 8192; SEAL
 enforces it with ``sec_level=tc128``), features at scale 2^40, weights at 2^40: the products sit
@@ -180,15 +187,15 @@ class _Seal:
             os.rmdir(self._tmp)
 
 
-def pack_bytes(blobs: list[bytes]) -> dict[str, Tensor]:
+def pack_bytes(blobs: list[bytes], prefix: str = "ct") -> dict[str, Tensor]:
     """Several serialised ciphertexts as two arrays for one channel frame."""
     lengths = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
     data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.zeros(0, dtype=torch.uint8)
-    return {"ct_lengths": lengths, "ct_data": data}
+    return {f"{prefix}_lengths": lengths, f"{prefix}_data": data}
 
 
-def unpack_bytes(arrays: dict[str, Tensor], max_count: int) -> list[bytes]:
-    lengths, data = arrays.get("ct_lengths"), arrays.get("ct_data")
+def unpack_bytes(arrays: dict[str, Tensor], max_count: int, prefix: str = "ct") -> list[bytes]:
+    lengths, data = arrays.get(f"{prefix}_lengths"), arrays.get(f"{prefix}_data")
     if lengths is None or data is None or lengths.dim() != 1 or lengths.numel() > max_count:
         raise PeerError("malformed ciphertext list from peer")
     if bool((lengths < 0).any()) or int(lengths.sum()) != data.numel():
@@ -258,13 +265,15 @@ class KeyOwner:
     def encrypt_features(self, v: np.ndarray) -> tuple[list[bytes], np.ndarray]:
         """Normalised, packed, encrypted V; returns the ciphertexts and the column exponents."""
         exps = column_exponents(v, "max")
-        layout = Layout(v.shape[0], v.shape[1], self.seal.slots)
-        packed = layout.pack(v / 2.0 ** exps)
-        scale = 2.0 ** self.params.v_scale_bits
-        return [self.seal.to_bytes(self.seal.encrypt(row, scale)) for row in packed], exps
+        return self.encrypt_packed(v / 2.0 ** exps, self.params.v_scale_bits), exps
 
-    def decrypt_masked(self, blobs: list[bytes], count: int) -> np.ndarray:
-        """Decrypt each masked ciphertext, keep its first ``count`` slots, add flooding noise."""
+    def encrypt_packed(self, x: np.ndarray, scale_bits: int) -> list[bytes]:
+        """Point-major :class:`Layout` packing of a normalised (N, cols) matrix, one ciphertext per chunk."""
+        layout = Layout(x.shape[0], x.shape[1], self.seal.slots)
+        return [self.seal.to_bytes(self.seal.encrypt(row, 2.0 ** scale_bits)) for row in layout.pack(x)]
+
+    def decrypt(self, blobs: list[bytes], count: int) -> np.ndarray:
+        """The first ``count`` slots of each ciphertext (no noise added: for this party's own use)."""
         if not 0 < count <= self.seal.slots:
             raise PeerError("invalid slot count requested")
         out = np.empty((len(blobs), count))
@@ -273,9 +282,24 @@ class KeyOwner:
             pt = sealapi.Plaintext()
             self.decryptor.decrypt(ct, pt)
             out[g] = np.asarray(self.seal.encoder.decode_double(pt))[:count]
-        flood = 2.0 ** -self.params.flood_bits
-        noise = np.frombuffer(os.urandom(8 * out.size), dtype=np.uint64).astype(np.float64) / 2.0**64
-        return out + (2 * noise.reshape(out.shape) - 1) * flood
+        return out
+
+    def decrypt_masked(self, blobs: list[bytes], count: int) -> np.ndarray:
+        """Decrypt masked ciphertexts the peer made, keep ``count`` slots each, add flooding noise."""
+        out = self.decrypt(blobs, count)
+        return out + flooding(out.shape, self.params.flood_bits)
+
+
+def flooding(shape: tuple[int, ...], bits: int) -> np.ndarray:
+    """Uniform noise on [-2^-bits, 2^-bits] from the OS CSPRNG (drowns the CKKS error term)."""
+    n = math.prod(shape)
+    noise = np.frombuffer(os.urandom(8 * n), dtype=np.uint64).astype(np.float64) / 2.0**64
+    return (2 * noise.reshape(shape) - 1) * 2.0 ** -bits
+
+
+def v2_split(num_points: int) -> int:
+    """FHE-v2: party 1 computes on the first rows [0, n1) of a call, party 2 on the rest."""
+    return (num_points + 1) // 2
 
 
 # ----------------------------------------------------------------------------- party 1
@@ -366,6 +390,47 @@ class Evaluator:
             seal.evaluator.add_inplace(acc, mask_ct)
             blobs.append(seal.to_bytes(acc))
         return blobs
+
+    def replicated_products(self, blobs: list[bytes], outputs: int, v: np.ndarray, masks: np.ndarray) -> list[bytes]:
+        """FHE-v2, party 2's half: y[k, b] = sum_i [[W[i, k]]] V[i, b] with W encrypted by the peer.
+
+        ``blobs``: the peer's [[W]] (n x outputs, point-major :class:`Layout`); ``v`` (n, b) plaintext,
+        normalised; ``masks`` (b, slots). Per column b: multiply each chunk by V[:, b] replicated over
+        the chunk's output slots, add the chunks, then rotate-and-sum by bb, 2 bb, ... slots / 2.
+        Returns one ciphertext per column b whose slot k decrypts to y[k, b] + masks[b, k].
+        """
+        lay, seal = Layout(v.shape[0], outputs, self.seal.slots), self.seal
+        if len(blobs) != lay.chunks or masks.shape != (v.shape[1], lay.slots):
+            raise PeerError("encrypted weights do not match the agreed layout")
+        cts = [seal.from_bytes(b) for b in blobs]
+        vp = np.zeros((lay.chunks * lay.ppc, v.shape[1]))
+        vp[:v.shape[0]] = v
+        v_scale = 2.0 ** self.params.v_scale_bits
+        out = []
+        for col in range(v.shape[1]):
+            acc = None
+            for c, ct in enumerate(cts):
+                rows = vp[c * lay.ppc:(c + 1) * lay.ppc, col]
+                if not rows.any():
+                    continue
+                pt = seal.plain(np.repeat(rows, lay.bb), v_scale)
+                if pt.is_zero():
+                    continue
+                prod = sealapi.Ciphertext()
+                seal.evaluator.multiply_plain(ct, pt, prod)
+                if acc is None:
+                    acc = prod
+                else:
+                    seal.evaluator.add_inplace(acc, prod)
+            if acc is None:
+                acc = seal.encrypt(np.zeros(lay.slots), 2.0 ** (self.params.v_scale_bits + self.params.w_scale_bits))
+            step = lay.bb
+            while step < lay.slots:
+                seal.evaluator.add_inplace(acc, seal.rotate(acc, step))
+                step *= 2
+            seal.evaluator.add_inplace(acc, seal.encrypt(masks[col], acc.scale))
+            out.append(seal.to_bytes(acc))
+        return out
 
     def group_shape(self, lay: Layout, k: int) -> tuple[int, int, int]:
         """Outputs per group R = R1 * R2 (a power of two <= points per ciphertext)."""

@@ -28,8 +28,8 @@ from ..basis import Basis, DenseBasis, KroneckerBasis, SparseBasis
 from .ring import I64, decode, encode
 
 PHI_BITS = 13  # default relative precision of the public basis (see :func:`phi_bits`)
-V_BITS = 16  # bits per limb of party 2's features (one-hot features are exact, 0 bits)
-V_LIMBS = 2  # dense features (SSD: J, J^2) are split in limbs: V_LIMBS * V_BITS bits of relative precision
+V_BITS = 11  # bits per limb of party 2's features (one-hot features are exact, 0 bits)
+V_LIMBS = 3  # dense features (SSD: J, J^2) are split in limbs: V_LIMBS * V_BITS bits of relative precision
 HEADROOM = 62  # results must stay below 2^62 in magnitude
 
 

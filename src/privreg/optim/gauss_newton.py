@@ -97,7 +97,7 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
         model.update(delta)
         it += 1
         try:
-            new = objective.evaluate(draw(it))
+            new = objective.evaluate(draw(it), reference=None if stochastic else ev)
         except InputError:
             if stochastic:
                 raise

@@ -1,10 +1,17 @@
-"""Party 1's side of the seam over CKKS (PPIR-FHE-v1, see :mod:`privreg.fhe.ckks`).
+"""Party 1's side of the seam over CKKS (PPIR-FHE-v1 and -v2, see :mod:`privreg.fhe.ckks`).
 
-Per level (URS: per sample) party 2 sends [[V]], its features encrypted under its own key; every
-call party 1 forms the plaintext weights W[:, (j, a)] = Phi_ij U_ia (plus the totals), evaluates
-W^T [[V]] homomorphically, masks the result and sends it to party 2, which decrypts and returns the
-masked values; party 1 removes the masks. GMS indices never leave party 1: it weighs the full
-level's [[V]] with zeros off the sample.
+FHE-v1: per level (URS: per sample) party 2 sends [[V]], its features encrypted under its own key;
+every call party 1 forms the plaintext weights W[:, (j, a)] = Phi_ij U_ia (plus the totals),
+evaluates W^T [[V]] homomorphically, masks the result and sends it to party 2, which decrypts and
+returns the masked values; party 1 removes the masks. GMS indices never leave party 1: it weighs the
+full level's [[V]] with zeros off the sample.
+
+FHE-v2 (workload sharing, the paper's appendix figure 4): the call's rows are split in two halves.
+Party 1 evaluates its half as in v1 on [[V_1]] (party 2's key). For the second half party 1 encrypts
+W_2 under its *own* key and sends it; party 2 multiplies [[W_2]] by its plaintext V_2 replicated over
+the output slots and rotate-and-sums (no dot products), adds a uniform mask R (plus flooding noise)
+and returns [[y_2 + R]]; it also decrypts party 1's masked half and returns y_1 + M - R. Party 1
+decrypts [[y_2 + R]] with its own key and adds: y = (y_1 + M - R) - M + (y_2 + R).
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from torch import Tensor
 
 from ..basis import Basis
 from ..errors import InputError
-from ..fhe.ckks import CkksParams, Evaluator, column_exponents, pack_bytes, uniform_masks, unpack_bytes
+from ..fhe.ckks import (CkksParams, Evaluator, KeyOwner, Layout, column_exponents, pack_bytes, uniform_masks,
+                        unpack_bytes, v2_split)
 from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
 from ..mpc.ring import Prg, new_key
 from ..net.channel import Channel, PeerError
 
 MAX_WEIGHT_ENTRIES = 40_000_000  # dense W (points x outputs) party 1 is willing to build (320 MB)
+MAX_V2_CIPHERTEXTS = 64  # FHE-v2: encrypted weight ciphertexts party 1 sends per call (about 0.26 MB each)
 
 
 def weight_matrix(u: Tensor, phi: Tensor, need: Need = ALL) -> np.ndarray:
@@ -40,12 +49,19 @@ def weight_matrix(u: Tensor, phi: Tensor, need: Need = ALL) -> np.ndarray:
 class FHEBackend(JointBackend):
     """Joint products by CKKS with party 2 holding the secret key."""
 
-    def __init__(self, to_fixed: Channel, params: CkksParams, sampling_mode: str) -> None:
+    def __init__(self, to_fixed: Channel, params: CkksParams, sampling_mode: str, version: int = 1) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"FHE protocol version must be 1 or 2, got {version}")
         self.to_fixed = to_fixed
         self.params = params
         self.sampling_mode = sampling_mode
+        self.version = version
         _, _, arr = to_fixed.recv("context")
         self.evaluator = Evaluator(arr["context"].numpy().tobytes(), params)
+        self.own: KeyOwner | None = None
+        if version == 2:  # party 1's own key pair: party 2 gets only its public context
+            self.own = KeyOwner(params)
+            to_fixed.send("context", {}, context=torch.frombuffer(bytearray(self.own.public_context()), dtype=torch.uint8))
         self.prg = Prg(new_key())
         self.level = -1
         self.calls = 0
@@ -74,13 +90,16 @@ class FHEBackend(JointBackend):
         return self._phi[1]
 
     def _features(self, index: Tensor | None):
-        """[[V]] for this call's rows: the whole level (full, GMS) or the public URS sample."""
+        """[[V]] for this call's rows: the whole level (full, GMS) or the public URS sample (v2: the
+        first half of those rows)."""
         sample = list(self.sample_key) if (index is not None and self.sampling_mode != "gms") else None
         key = (self.level, tuple(sample) if sample else None)
         if self._feats is None or self._feats[0] != key:
-            self.to_fixed.send("encrypt", {"level": self.level, "sample": sample})
-            _, meta, arr = self.to_fixed.recv("features")
             n = self.level_points if sample is None else int(index.numel())
+            if self.version == 2:
+                n = v2_split(n)
+            self.to_fixed.send("encrypt", {"level": self.level, "sample": sample, "rows": n})
+            _, meta, arr = self.to_fixed.recv("features")
             if int(meta["points"]) != n:
                 raise PeerError("the fixed party encrypted a different number of points")
             blobs = unpack_bytes(arr, 1 << 20)
@@ -99,21 +118,27 @@ class FHEBackend(JointBackend):
             full[index.numpy()] = w
             w = full
         exps = column_exponents(w, "sum")
+        w = w / 2.0 ** exps
         lay = feats.layout
-        r_total, _, _ = self.evaluator.group_shape(lay, w.shape[1])
-        groups = -(-w.shape[1] // r_total)
+        k = w.shape[1]
+        r_total, _, _ = self.evaluator.group_shape(lay, k)
+        groups = -(-k // r_total)
         call = self.calls
         self.calls += 1
         masks = uniform_masks(self.prg, f"M/{call}", (groups, lay.slots), self.params.mask_bits)
-        blobs = self.evaluator.products(feats, w / 2.0 ** exps, masks)
-        count = r_total * lay.bb
-        self.to_fixed.send("cross", {"call": call, "count": count}, **pack_bytes(blobs))
-        _, m, reply = self.to_fixed.recv("reply")
-        vals = reply["values"].numpy()
-        if int(m.get("call", -1)) != call or vals.shape != (groups, count) or not np.isfinite(vals).all():
-            raise PeerError("malformed reply from the fixed party")
         b = int(feats.exps.shape[0])
-        y = (vals - masks[:, :count]).reshape(groups * r_total, lay.bb)[:w.shape[1], :b]
+        count = r_total * lay.bb
+        mapped = masks[:, :count].reshape(groups * r_total, lay.bb)[:k, :b]  # mask of y[k, b]
+        if self.version == 1:
+            blobs = self.evaluator.products(feats, w, masks)
+            self.to_fixed.send("cross", {"call": call, "count": count}, **pack_bytes(blobs))
+            _, m, reply = self.to_fixed.recv("reply")
+            vals = reply["values"].numpy()
+            if int(m.get("call", -1)) != call or vals.shape != (groups, count) or not np.isfinite(vals).all():
+                raise PeerError("malformed reply from the fixed party")
+            y = vals.reshape(groups * r_total, lay.bb)[:k, :b] - mapped
+        else:
+            y, blobs = self._cross_v2(call, feats, w, masks, mapped, count)
         y = y * 2.0 ** exps[:, None] * 2.0 ** feats.exps[None, :]
         y = torch.from_numpy(y)
         a = u.shape[1]
@@ -131,5 +156,28 @@ class FHEBackend(JointBackend):
         })
         return CrossResult(cross, total)
 
+    def _cross_v2(self, call: int, feats, w: np.ndarray, masks: np.ndarray, mapped: np.ndarray, count: int):
+        """FHE-v2: party 1 evaluates rows [0, n1) on [[V_1]], party 2 rows [n1, n) on [[W_2]]."""
+        n1, k, b = feats.layout.num_points, w.shape[1], mapped.shape[1]
+        w2 = w[n1:]
+        chunks = Layout(w2.shape[0], k, self.params.slots).chunks
+        if chunks > MAX_V2_CIPHERTEXTS:
+            raise InputError(f"FHE-v2 would send {chunks} encrypted weight ciphertexts per iteration ({k} outputs x "
+                             f"{w2.shape[0]} points); use --protocol fhe-v1, fewer points or fewer parameters")
+        blobs = self.evaluator.products(feats, w[:n1], masks)
+        enc_w2 = self.own.encrypt_packed(w2, self.params.w_scale_bits)
+        self.to_fixed.send("cross", {"call": call, "count": count, "outputs": k},
+                           **pack_bytes(blobs), **pack_bytes(enc_w2, "w2"))
+        _, m, reply = self.to_fixed.recv("reply")
+        vals = reply["values"].numpy()
+        if int(m.get("call", -1)) != call or vals.shape != (k, b) or not np.isfinite(vals).all():
+            raise PeerError("malformed reply from the fixed party")
+        theirs = self.own.decrypt(unpack_bytes(reply, b, "y2"), k)  # (b, k): y_2 + R
+        if theirs.shape != (b, k) or not np.isfinite(theirs).all():
+            raise PeerError("malformed encrypted reply from the fixed party")
+        return vals - mapped + theirs.T, blobs + enc_w2
+
     def close(self) -> None:
         self.evaluator.seal.close()
+        if self.own is not None:
+            self.own.seal.close()

@@ -15,10 +15,12 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import InputError, PrivregError
-from ..fhe.ckks import CkksParams, KeyOwner, pack_bytes, unpack_bytes
+from ..fhe.ckks import (CkksParams, Evaluator, KeyOwner, Layout, column_exponents, flooding, pack_bytes,
+                        uniform_masks, unpack_bytes, v2_split)
 from ..image import Image, read_image
 from ..joint import FeatureSpec, FixedSide
 from ..mpc.product import LIMBS, encode_features, feature_columns, int_cross
@@ -58,7 +60,7 @@ def _send_error(ch: Channel | None, exc: BaseException) -> None:
 
 
 # ----------------------------------------------------------------------------- party 2
-PROTOCOLS = ("mpc", "fhe-v1")
+PROTOCOLS = ("mpc", "fhe-v1", "fhe-v2")
 
 
 def run_fixed_party(fixed: Image, listen: str, dealer: str | None, pki: str, timeout: float = 120.0,
@@ -89,7 +91,7 @@ def run_fixed_party(fixed: Image, listen: str, dealer: str | None, pki: str, tim
             to_dealer = connect(dealer, ctx_client, "dealer", timeout)
             extra = _serve_mpc(moving, to_dealer, side, session)
         else:
-            extra = _serve_fhe(moving, side, session, CkksParams.from_dict(meta["ckks"]))
+            extra = _serve_fhe(moving, side, session, CkksParams.from_dict(meta["ckks"]), 2 if protocol == "fhe-v2" else 1)
         stats = {**clock.report(), "traffic_moving": _traffic(moving.traffic), **extra}
         if to_dealer is not None:
             stats["traffic_dealer"] = _traffic(to_dealer.traffic)
@@ -142,11 +144,19 @@ def _serve_mpc(moving: Channel, to_dealer: Channel, side: FixedSide, session: Pu
         moving.send("reply", {"call": meta["call"]}, z=z + darr["t2"])
 
 
-def _serve_fhe(moving: Channel, side: FixedSide, session: PublicSession, params: CkksParams) -> dict:
-    """Hold the CKKS secret key: send the public context, encrypt features, decrypt masked results."""
+def _serve_fhe(moving: Channel, side: FixedSide, session: PublicSession, params: CkksParams, version: int) -> dict:
+    """Hold the CKKS secret key: send the public context, encrypt features, decrypt masked results.
+
+    FHE-v2 also evaluates the second half of every call on party 1's encrypted weights (party 1's
+    public context only) and masks that half before party 1 decrypts it."""
     owner = KeyOwner(params)
     moving.send("context", {}, context=torch.frombuffer(bytearray(owner.public_context()), dtype=torch.uint8))
-    v = None
+    peer = None
+    if version == 2:
+        _, _, arr = moving.recv("context")
+        peer = Evaluator(arr["context"].numpy().tobytes(), params)  # refuses a context with a secret key
+    prg = Prg(new_key())
+    v = known = None
     level, decrypted = -1, 0
     try:
         while True:
@@ -161,17 +171,44 @@ def _serve_fhe(moving: Channel, side: FixedSide, session: PublicSession, params:
                 if v is None or int(meta["level"]) != level:
                     raise PeerError("encryption requested for a level that was not started")
                 index = session.index(level, meta, {})  # URS: from the public seed; never GMS indices
-                rows = v if index is None else v[index]
-                blobs, exps = owner.encrypt_features(rows.numpy())
-                moving.send("features", {"points": int(rows.shape[0]), "cols": int(rows.shape[1])},
+                known = (v if index is None else v[index]).numpy()
+                n1 = int(meta.get("rows", known.shape[0])) if version == 2 else known.shape[0]
+                if not 0 < n1 <= known.shape[0]:
+                    raise PeerError("invalid row count requested")
+                exps = column_exponents(known, "max")  # over all known rows: v2's second half shares the scale
+                blobs = owner.encrypt_packed(known[:n1] / 2.0 ** exps, params.v_scale_bits)
+                moving.send("features", {"points": n1, "cols": int(known.shape[1])},
                             exps=torch.from_numpy(exps), **pack_bytes(blobs))
             else:
+                if known is None:
+                    raise PeerError("product requested before the features were encrypted")
                 blobs = unpack_bytes(arr, 4096)
                 vals = owner.decrypt_masked(blobs, int(meta["count"]))
                 decrypted += len(blobs)
-                moving.send("reply", {"call": meta["call"]}, values=torch.from_numpy(vals))
+                if peer is None:
+                    moving.send("reply", {"call": meta["call"]}, values=torch.from_numpy(vals))
+                    continue
+                moving.send("reply", {"call": meta["call"]}, **_second_half(peer, prg, known, exps, vals, meta, arr))
     finally:
         owner.seal.close()
+        if peer is not None:
+            peer.seal.close()
+
+
+def _second_half(peer: Evaluator, prg: Prg, known: np.ndarray, exps: np.ndarray, vals: np.ndarray, meta: dict,
+                 arr: dict) -> dict:
+    """FHE-v2, party 2: y_1 + M - R from party 1's masked half and [[y_2 + R + noise]] for its own half."""
+    k, call = int(meta["outputs"]), int(meta["call"])
+    b = known.shape[1]
+    n1 = v2_split(known.shape[0])
+    bb = Layout(n1, b, peer.seal.slots).bb
+    if not 0 < k or vals.size < k * bb:
+        raise PeerError("invalid output count requested")
+    y1 = vals.reshape(-1, bb)[:k, :b]
+    r = uniform_masks(prg, f"R/{call}", (b, peer.seal.slots), peer.params.mask_bits)
+    noisy = r + flooding(r.shape, peer.params.flood_bits)  # drowns the CKKS error of party 2's products
+    enc = peer.replicated_products(unpack_bytes(arr, 4096, "w2"), k, known[n1:] / 2.0 ** exps, noisy)
+    return {"values": torch.from_numpy(y1 - r[:, :k].T), **pack_bytes(enc, "y2")}
 
 
 # ----------------------------------------------------------------------------- dealer
@@ -238,7 +275,7 @@ def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | No
                      ckks: CkksParams | None = None) -> tuple[RegistrationResult, object]:
     """Register ``moving`` to party 2's fixed image; returns the result and the fixed grid.
 
-    ``protocol`` is ``"mpc"`` (needs the dealer) or ``"fhe-v1"`` (CKKS, no dealer)."""
+    ``protocol`` is ``"mpc"`` (needs the dealer), ``"fhe-v1"`` or ``"fhe-v2"`` (CKKS, no dealer)."""
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
     check_secure_config(cfg, reveal_gms_indices, protocol)
@@ -265,7 +302,7 @@ def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | No
             to_dealer.send("setup", setup)
             backend = MPCBackend(to_fixed, to_dealer, key, cfg.sampling.mode, reveal_gms_indices)
         else:
-            backend = FHEBackend(to_fixed, ckks, cfg.sampling.mode)
+            backend = FHEBackend(to_fixed, ckks, cfg.sampling.mode, 2 if protocol == "fhe-v2" else 1)
         result = register_with_backend(moving, fixed_grid, backend, cfg, progress=progress)
         to_fixed.send("close")
         _, fixed_stats, _ = to_fixed.recv("stats")
@@ -310,6 +347,7 @@ def _report(protocol: str, backend, clock: _Clock, fixed_stats: dict, dealer_sta
         summary["dealer_offline_MB_per_iteration"] = fixed_stats["traffic_dealer"]["wire_bytes_received"] / calls / 1e6
     else:
         summary["public_context_MB"] = tf.by_tag.get("received:context", 0) / 1e6
+        summary["own_public_context_MB"] = tf.by_tag.get("sent:context", 0) / 1e6  # FHE-v2: party 1's key
     return out
 
 

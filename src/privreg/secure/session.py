@@ -24,6 +24,18 @@ What each party learns (FHE-v1, CKKS, see :mod:`privreg.fhe.ckks`; no dealer):
   and a fresh uniform mask M on [-2^24, 2^24]: within statistical distance 2^-24 per value of a
   distribution that does not depend on y (CKKS decodes in double precision, which bounds the
   mask size; this is weaker than the MPC backend's perfect one-time pad).
+
+What each party learns (FHE-v2: each party has its own key pair; rows [0, n1) of a call are
+evaluated by party 1, rows [n1, n) by party 2, n1 = ceil(n / 2), public):
+
+* party 1: everything it learns under FHE-v1 (the same opened products y = y_1 + y_2, now with
+  party 2's flooding noise twice); separately it decrypts y_2 + R + e and receives y_1 + M - R,
+  where R is party 2's fresh uniform mask on [-2^24, 2^24] per value and e uniform flooding noise
+  of 2^-28 that drowns the CKKS error of party 2's products (which depends on V_2): neither
+  half alone is revealed beyond the same 2^-24 statistical bound.
+* party 2: party 1's public context; per call [[W_2]] encrypted under party 1's key (IND-CPA,
+  nothing), and, as in v1, y_1 + M for party 1's half. GMS: the rows are the whole level
+  (party 1's encrypted W_2 is zero off its sample), so the indices still never leave party 1.
 """
 
 from __future__ import annotations
