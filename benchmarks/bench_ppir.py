@@ -121,9 +121,11 @@ def _row(case: dict, protocol: str, clear, t_clear: float, private) -> dict:
     sec = private.report["secure"]
     calls = max(sec["calls"], 1)
     by = sec["moving"]["traffic_fixed"]["by_message"]
-    once = sum(v for k, v in by.items() if k in ("received:features", "received:context", "sent:context"))
-    p1_sent = sum(v for k, v in by.items() if k.startswith("sent:") and k != "sent:context")
-    p2_sent = sum(v for k, v in by.items() if k.startswith("received:")) - once
+    once_in = sum(v for k, v in by.items() if k in ("received:features", "received:context"))
+    once_out = by.get("sent:context", 0)  # FHE-v2: party 1's own public context
+    once = once_in + once_out
+    p1_sent = sum(v for k, v in by.items() if k.startswith("sent:")) - once_out
+    p2_sent = sum(v for k, v in by.items() if k.startswith("received:")) - once_in
     return {
         "case": case["name"], "protocol": protocol, "clear_iterations": clear.report["iterations"],
         "private_iterations": private.report["iterations"],

@@ -55,8 +55,12 @@ def synthetic_t2(t1: Image, gm: Image, wm: Image) -> Image:
     """
     g, w, x = gm.data.clamp(0, 1), wm.data.clamp(0, 1), t1.data
     brain = smooth(g + w, gm.grid, 2.0) > 0.5
-    m_csf = float(x[brain & (g + w < 0.1)].median())
-    m_gm, m_wm = float(x[g > 0.9].median()), float(x[w > 0.9].median())
+    csf = brain & (g + w < 0.1)
+    if int(csf.sum()) < 10:  # coarse maps: take the least tissue-like tenth of the brain
+        csf = brain & (g + w <= torch.quantile((g + w)[brain].float(), 0.1).to(g.dtype))
+    m_csf = float(x[csf].median())
+    m_gm = float(x[g > min(0.9, 0.8 * float(g.max()))].median())
+    m_wm = float(x[w > min(0.9, 0.8 * float(w.max()))].median())
     knots_x = torch.tensor([0.0, m_csf, m_gm, m_wm, float(x.max())], dtype=x.dtype)
     knots_y = torch.tensor([0.0, 1.0, 0.6, 0.3, 0.2], dtype=x.dtype)
     k = torch.bucketize(x.clamp(0, float(x.max())), knots_x[1:-1])
