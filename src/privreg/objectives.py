@@ -128,10 +128,11 @@ class JointObjective:
         self.reg_weight, self.reg_kind = reg_weight, reg_kind
         self.points = grid.points(F64)
         self.spec = FeatureSpec(metric, bins)
+        self._lam: float | None = None  # regulariser weight, fixed at a level's first evaluation
 
     def start(self, level: int) -> None:
         self.backend.start_level(level, self.spec)
-        self._lam: float | None = None
+        self._lam = None
 
     def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pts = self.points if index is None else self.points[index]
@@ -247,7 +248,7 @@ class JointObjective:
         coef = self.model.inner.coefficients.detach().to(F64)
         d = coef.shape[1]
         kdiag = 2.0 * len(shape) if self.reg_kind == "diffusion" else (2.0 * len(shape)) ** 2
-        if getattr(self, "_lam", None) is None:
+        if self._lam is None:
             hdiag = torch.diagonal(ev.hess) if ev.hess is not None else ev.hess_diag
             self._lam = self.reg_weight * max(float(hdiag.to(F64).mean()), 1e-30) / kdiag
         lam = self._lam

@@ -262,10 +262,12 @@ class KeyOwner:
     def public_context(self) -> bytes:
         return public_context_bytes(self.ctx)
 
-    def encrypt_features(self, v: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        """Normalised, packed, encrypted V; returns the ciphertexts and the column exponents."""
+    def encrypt_features(self, v: np.ndarray, rows: int | None = None) -> tuple[list[bytes], np.ndarray]:
+        """Normalised, packed, encrypted V[:rows]; returns the ciphertexts and the column exponents.
+
+        The exponents bound all of ``v`` (FHE-v2: party 2's own half of the rows shares the scale)."""
         exps = column_exponents(v, "max")
-        return self.encrypt_packed(v / 2.0 ** exps, self.params.v_scale_bits), exps
+        return self.encrypt_packed(v[:rows] / 2.0 ** exps, self.params.v_scale_bits), exps
 
     def encrypt_packed(self, x: np.ndarray, scale_bits: int) -> list[bytes]:
         """Point-major :class:`Layout` packing of a normalised (N, cols) matrix, one ciphertext per chunk."""
@@ -363,17 +365,7 @@ class Evaluator:
                 for c in np.nonzero(active[:, g])[0]:
                     for j1 in range(r1):
                         e = wc[c, (t + j1) % lay.ppc, k]
-                        if not e.any():
-                            continue
-                        pt = seal.plain(np.repeat(e, lay.bb), w_scale)
-                        if pt.is_zero():  # tiny weights that round to nothing (SEAL refuses a "transparent" product)
-                            continue
-                        prod = sealapi.Ciphertext()
-                        seal.evaluator.multiply_plain(feats.baby[c][j1], pt, prod)
-                        if inner is None:
-                            inner = prod
-                        else:
-                            seal.evaluator.add_inplace(inner, prod)
+                        inner = self._multiply_add(inner, feats.baby[c][j1], np.repeat(e, lay.bb), w_scale)
                 if acc is not None:  # Horner on the giant steps: acc = rot(acc, R1 bb) + inner
                     acc = seal.rotate(acc, r1 * lay.bb)
                     if inner is not None:
@@ -382,10 +374,7 @@ class Evaluator:
                     acc = inner
             if acc is None:  # no weight in this group: an encryption of zero
                 acc = seal.encrypt(np.zeros(lay.slots), out_scale)
-            step = lay.slots // 2
-            while step >= r_total * lay.bb:
-                seal.evaluator.add_inplace(acc, seal.rotate(acc, step))
-                step //= 2
+            self._fold(acc, r_total * lay.bb)
             mask_ct = seal.encrypt(masks[g], acc.scale)
             seal.evaluator.add_inplace(acc, mask_ct)
             blobs.append(seal.to_bytes(acc))
@@ -410,27 +399,36 @@ class Evaluator:
         for col in range(v.shape[1]):
             acc = None
             for c, ct in enumerate(cts):
-                rows = vp[c * lay.ppc:(c + 1) * lay.ppc, col]
-                if not rows.any():
-                    continue
-                pt = seal.plain(np.repeat(rows, lay.bb), v_scale)
-                if pt.is_zero():
-                    continue
-                prod = sealapi.Ciphertext()
-                seal.evaluator.multiply_plain(ct, pt, prod)
-                if acc is None:
-                    acc = prod
-                else:
-                    seal.evaluator.add_inplace(acc, prod)
+                acc = self._multiply_add(acc, ct, np.repeat(vp[c * lay.ppc:(c + 1) * lay.ppc, col], lay.bb), v_scale)
             if acc is None:
                 acc = seal.encrypt(np.zeros(lay.slots), 2.0 ** (self.params.v_scale_bits + self.params.w_scale_bits))
-            step = lay.bb
-            while step < lay.slots:
-                seal.evaluator.add_inplace(acc, seal.rotate(acc, step))
-                step *= 2
+            self._fold(acc, lay.bb)
             seal.evaluator.add_inplace(acc, seal.encrypt(masks[col], acc.scale))
             out.append(seal.to_bytes(acc))
         return out
+
+    def _multiply_add(self, acc, ct, values: np.ndarray, scale: float):
+        """acc + ct * plain(values) (acc may be None); skips weights that encode to the zero plaintext
+        (nothing to add, and SEAL refuses a "transparent" product)."""
+        if not values.any():
+            return acc
+        pt = self.seal.plain(values, scale)
+        if pt.is_zero():
+            return acc
+        prod = sealapi.Ciphertext()
+        self.seal.evaluator.multiply_plain(ct, pt, prod)
+        if acc is None:
+            return prod
+        self.seal.evaluator.add_inplace(acc, prod)
+        return acc
+
+    def _fold(self, acc, smallest: int) -> None:
+        """Rotate-and-add in place by smallest, 2 smallest, ..., slots / 2 (sums slots congruent
+        modulo ``smallest``)."""
+        step = self.seal.slots // 2
+        while step >= smallest:
+            self.seal.evaluator.add_inplace(acc, self.seal.rotate(acc, step))
+            step //= 2
 
     def group_shape(self, lay: Layout, k: int) -> tuple[int, int, int]:
         """Outputs per group R = R1 * R2 (a power of two <= points per ciphertext)."""

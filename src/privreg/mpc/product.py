@@ -36,6 +36,17 @@ HEADROOM = 62  # results must stay below 2^62 in magnitude
 LIMBS = 2  # Phi = sum_l Phi_l 2^(bits (LIMBS - 1 - l)): the public basis costs no traffic, so split it
 
 
+def split_limbs(full: Tensor, bits: int, count: int) -> list[Tensor]:
+    """full = sum_l limb_l 2^(bits (count - 1 - l)), most significant limb first; the low limbs are
+    non-negative remainders below 2^bits, the top limb carries the sign."""
+    limbs = []
+    for _ in range(count - 1):
+        limbs.append(full & ((1 << bits) - 1))
+        full = full >> bits
+    limbs.append(full)
+    return limbs[::-1]
+
+
 @dataclass
 class IntBasis:
     """A public basis in fixed point, with an extra all-ones column (index ``num_basis - 1``), split in
@@ -73,13 +84,7 @@ class IntBasis:
             raise TypeError(f"unsupported basis {type(basis).__name__}")
         e = int(torch.ceil(torch.log2(w.abs().amax().clamp(min=1.0)))) if w.numel() else 0
         f = LIMBS * bits - e
-        full = encode(w, f)
-        limbs = []
-        for _ in range(LIMBS - 1):  # low limbs: non-negative remainders
-            limbs.append(full & ((1 << bits) - 1))
-            full = full >> bits
-        limbs.append(full)
-        stacked = torch.stack(limbs[::-1])  # most significant first
+        stacked = torch.stack(split_limbs(encode(w, f), bits, LIMBS))
         if index is None:
             return IntBasis(num, f, bits, matrix=stacked)
         return IntBasis(num, f, bits, index=index, weight=stacked)
@@ -177,13 +182,7 @@ def encode_features(v: Tensor, one_hot: bool) -> tuple[Tensor, Tensor, int, int]
         return v.to(I64), torch.zeros(v.shape[1], dtype=I64), 0, 1
     e = torch.ceil(torch.log2(v.abs().amax(0).to(torch.float64).clamp(min=2.0**-20))).to(I64)
     f = V_LIMBS * V_BITS - e
-    full = encode(v, f)
-    limbs = []
-    for _ in range(V_LIMBS - 1):
-        limbs.append(full & ((1 << V_BITS) - 1))
-        full = full >> V_BITS
-    limbs.append(full)
-    limbs = limbs[::-1]  # most significant first
+    limbs = split_limbs(encode(v, f), V_BITS, V_LIMBS)
     bits = torch.cat([f - V_BITS * (V_LIMBS - 1 - li) for li in range(V_LIMBS)])
     return torch.cat(limbs, 1), bits, V_BITS, V_LIMBS
 

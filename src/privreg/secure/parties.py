@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError, PrivregError
-from ..fhe.ckks import (CkksParams, Evaluator, KeyOwner, Layout, column_exponents, flooding, pack_bytes,
-                        uniform_masks, unpack_bytes, v2_split)
+from ..fhe.ckks import (CkksParams, Evaluator, KeyOwner, Layout, flooding, pack_bytes, uniform_masks, unpack_bytes,
+                        v2_split)
 from ..image import Image, read_image
 from ..joint import FeatureSpec, FixedSide
 from ..mpc.product import LIMBS, encode_features, feature_columns, int_cross
@@ -63,6 +63,10 @@ def _send_error(ch: Channel | None, exc: BaseException) -> None:
 PROTOCOLS = ("mpc", "fhe-v1", "fhe-v2")
 
 
+def _fhe_version(protocol: str) -> int:
+    return 2 if protocol == "fhe-v2" else 1
+
+
 def run_fixed_party(fixed: Image, listen: str, dealer: str | None, pki: str, timeout: float = 120.0,
                     recorder: list | None = None) -> dict:
     """Serve party 1's requests with the fixed image; returns this party's statistics.
@@ -91,7 +95,7 @@ def run_fixed_party(fixed: Image, listen: str, dealer: str | None, pki: str, tim
             to_dealer = connect(dealer, ctx_client, "dealer", timeout)
             extra = _serve_mpc(moving, to_dealer, side, session)
         else:
-            extra = _serve_fhe(moving, side, session, CkksParams.from_dict(meta["ckks"]), 2 if protocol == "fhe-v2" else 1)
+            extra = _serve_fhe(moving, side, session, CkksParams.from_dict(meta["ckks"]), _fhe_version(protocol))
         stats = {**clock.report(), "traffic_moving": _traffic(moving.traffic), **extra}
         if to_dealer is not None:
             stats["traffic_dealer"] = _traffic(to_dealer.traffic)
@@ -175,8 +179,7 @@ def _serve_fhe(moving: Channel, side: FixedSide, session: PublicSession, params:
                 n1 = int(meta.get("rows", known.shape[0])) if version == 2 else known.shape[0]
                 if not 0 < n1 <= known.shape[0]:
                     raise PeerError("invalid row count requested")
-                exps = column_exponents(known, "max")  # over all known rows: v2's second half shares the scale
-                blobs = owner.encrypt_packed(known[:n1] / 2.0 ** exps, params.v_scale_bits)
+                blobs, exps = owner.encrypt_features(known, n1)
                 moving.send("features", {"points": n1, "cols": int(known.shape[1])},
                             exps=torch.from_numpy(exps), **pack_bytes(blobs))
             else:
@@ -302,7 +305,7 @@ def run_moving_party(moving: Image, fixed_address: str, dealer_address: str | No
             to_dealer.send("setup", setup)
             backend = MPCBackend(to_fixed, to_dealer, key, cfg.sampling.mode, reveal_gms_indices)
         else:
-            backend = FHEBackend(to_fixed, ckks, cfg.sampling.mode, 2 if protocol == "fhe-v2" else 1)
+            backend = FHEBackend(to_fixed, ckks, cfg.sampling.mode, _fhe_version(protocol))
         result = register_with_backend(moving, fixed_grid, backend, cfg, progress=progress)
         to_fixed.send("close")
         _, fixed_stats, _ = to_fixed.recv("stats")
