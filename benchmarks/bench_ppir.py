@@ -6,13 +6,19 @@ and is compared with the clear engine run with the same configuration and sampli
 iterations, displacement RMSE vs CLEAR, time per iteration per party, MB per iteration each way,
 one-time MB (MPC: masked features; FHE: public context + encrypted features).
 
-Usage:  python benchmarks/bench_ppir.py [--protocols mpc,fhe-v1,fhe-v2] [--cases NAME,...] [--json out/bench_ppir.json]
+With ``--seeds K`` every sampled case (URS, GMS) runs with K sampling seeds and the table reports
+mean +- sd over them (full sampling is deterministic and runs once).
+
+Usage:  python benchmarks/bench_ppir.py [--protocols mpc,fhe-v1,fhe-v2] [--cases NAME,...] [--seeds K]
+                                        [--json out/bench_ppir.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -78,11 +84,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocols", default="mpc,fhe-v1,fhe-v2")
     ap.add_argument("--cases", default="", help="comma-separated substrings of case names to run (default all)")
+    ap.add_argument("--seeds", type=int, default=1, help="sampling seeds per sampled case (mean +- sd)")
     ap.add_argument("--json", default="out/bench_ppir.json")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as td:
-        for case in cases(Path(td)):
+        for case, seed in _seeded(cases(Path(td)), args.seeds):
             if args.cases and not any(c in case["name"] for c in args.cases.split(",")):
                 continue
             t0 = time.perf_counter()
@@ -101,20 +108,48 @@ def main() -> int:
                 except InputError as exc:  # a protocol that refuses this case (e.g. FHE-v2 with many outputs)
                     print(json.dumps({"case": case["name"], "protocol": protocol, "refused": str(exc)}), flush=True)
                     continue
-                rows.append(_row(case, protocol, clear, t_clear, private))
+                rows.append({**_row(case, protocol, clear, t_clear, private), "seed": seed})
                 print(json.dumps(rows[-1]), flush=True)
     print()
-    hdr = ("case", "protocol", "it CLEAR", "it private", "RMSE vs CLEAR mm", "CLEAR s/it", "P1 s/it", "P2 cpu s/it",
-           "P1->P2 MB/it", "P2->P1 MB/it", "once MB", "dealer MB/it")
-    print(" | ".join(hdr))
-    for r in rows:
-        print(f"{r['case']} | {r['protocol']} | {r['clear_iterations']} | {r['private_iterations']} | "
-              f"{r['rmse_vs_clear_mm']:.5f} | {r['clear_s_per_it']:.3f} | {r['p1_s_per_it']:.3f} | "
-              f"{r['p2_cpu_s_per_it']:.3f} | {r['p1_sent_MB_per_it']:.3f} | {r['p2_sent_MB_per_it']:.3f} | "
-              f"{r['once_MB']:.2f} | {r['dealer_MB_per_it']:.4f}")
+    _table(rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _seeded(case_list: list[dict], seeds: int):
+    """Each case once per sampling seed (sampled cases) or once (full sampling)."""
+    for case in case_list:
+        s = case["cfg"].get("sampling", Sampling())
+        if s.mode == "full":
+            yield case, None
+            continue
+        for k in range(seeds):
+            yield {**case, "cfg": {**case["cfg"], "sampling": dataclasses.replace(s, seed=s.seed + k)}}, s.seed + k
+
+
+COLUMNS = (("clear_iterations", "it CLEAR", 1), ("private_iterations", "it private", 1),
+           ("rmse_vs_clear_mm", "RMSE vs CLEAR mm", 5), ("clear_s_per_it", "CLEAR s/it", 3),
+           ("p1_s_per_it", "P1 s/it", 3), ("p2_cpu_s_per_it", "P2 cpu s/it", 3),
+           ("p1_sent_MB_per_it", "P1->P2 MB/it", 3), ("p2_sent_MB_per_it", "P2->P1 MB/it", 3),
+           ("once_MB", "once MB", 2), ("dealer_MB_per_it", "dealer MB/it", 4))
+
+
+def _table(rows: list[dict]) -> None:
+    """One line per (case, protocol): mean +- sd over the seeds that ran."""
+    print(" | ".join(("case", "protocol", "seeds") + tuple(c[1] for c in COLUMNS)))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["protocol"]), []).append(r)
+    for (name, protocol), rs in groups.items():
+        cells = []
+        for key, _, digits in COLUMNS:
+            vals = [float(r[key]) for r in rs]
+            cell = f"{statistics.mean(vals):.{digits}f}"
+            if len(vals) > 1:
+                cell += f" ± {statistics.stdev(vals):.{digits}f}"
+            cells.append(cell)
+        print(" | ".join([name, protocol, str(len(rs))] + cells))
 
 
 def _row(case: dict, protocol: str, clear, t_clear: float, private) -> dict:

@@ -7,8 +7,8 @@ import tenseal as ts
 
 from privreg.errors import InputError
 from privreg.evaluate import displacement_rmse
-from privreg.fhe.ckks import (CkksParams, Evaluator, KeyOwner, column_exponents, expected_error, load_public_context,
-                              uniform_masks)
+from privreg.fhe.ckks import (CkksParams, Evaluator, KeyOwner, column_exponents, expected_error, join_context,
+                              load_public_context, uniform_masks)
 from privreg.mpc.ring import Prg, new_key
 from privreg.net.channel import PeerError
 from privreg.register import RegistrationConfig, register
@@ -98,7 +98,7 @@ def test_party1_never_holds_a_secret_key(keys):
         ts.ckks_vector(ev.ctx, [1.0, 2.0]).decrypt()
     # a context carrying the secret key is refused outright
     with pytest.raises(PeerError, match="secret key"):
-        load_public_context(owner.ctx.serialize(save_secret_key=True))
+        load_public_context(join_context(owner.ctx.serialize(save_secret_key=True), b""), PARAMS)
     # and the secret key's bytes appear nowhere in what party 1 received
     secret = owner.ctx.secret_key().data
     import os
@@ -109,6 +109,12 @@ def test_party1_never_holds_a_secret_key(keys):
         sk = open(os.path.join(td, "sk"), "rb").read()
     public = owner.public_context()
     assert sk[-64:] not in public and sk[100:164] not in public
+    # seeded Galois keys for the 12 left power-of-two rotations only (TenSEAL's default: 19.3 MB)
+    assert len(public) < 6e6
+    with pytest.raises(PeerError, match="Galois keys"):  # keys cut short
+        load_public_context(public[:-1000], PARAMS)
+    with pytest.raises(PeerError, match="agreed parameters"):
+        load_public_context(public, CkksParams(poly_degree=16384, coeff_mod_bits=(60, 60, 60)))
 
 
 def test_parameters_meet_128_bit_security():
@@ -143,7 +149,7 @@ def test_fhe_registration_equals_clear(pair2d, secure_run, protocol, transform, 
     assert sec["moving"]["online_bytes_sent_per_call"] < per["ciphertexts_sent"] * 300_000
     if protocol == "fhe-v2":  # party 1's own key: party 2 received only its public context
         ctx = next(arr["context"] for d, kind, _, arr in recorder if d == "sent" and kind == "context")
-        assert load_public_context(np.asarray(ctx).tobytes()).is_public()
+        assert load_public_context(np.asarray(ctx).tobytes(), CkksParams()).ctx.is_public()
     # GMS points never leave party 1; party 2 is only ever told level and iteration numbers
     sent = [(kind, meta, arr) for d, kind, meta, arr in recorder if d == "sent"]
     assert all("index" not in arr for _, _, arr in sent)

@@ -12,6 +12,7 @@ import torch
 from privreg.basis import DenseBasis, spline_basis_points
 from privreg.evaluate import displacement_rmse
 from privreg.grid import Grid
+from privreg.image import resample
 from privreg.mpc.product import LIMBS, IntBasis, column_bits, decode_cross, encode_features, int_cross, phi_bits
 from privreg.mpc.ring import Prg, decode, encode, new_key, random_ring, share, truncate_shares
 from privreg.net.channel import Listener, PeerError, connect
@@ -217,13 +218,39 @@ def test_private_registration_equals_clear(pair2d, secure_run, transform, metric
         a = 4 if metric == "ssd" else 32 * 3
         minimum = call["points"] * a * 8
         assert call["bytes_sent"] < 1.2 * minimum + 4096
-    # transcript: the masked fixed features party 1 received do not correlate with the image
-    vh = next(arr["vh"] for d, kind, _, arr in recorder if d == "received" and kind == "features")
-    j = pair2d["fixed"].data.reshape(-1).double().numpy()
-    if metric == "ssd":
-        col = vh[-j.size:, 0].astype(np.float64) if vh.shape[0] == j.size else None
-        if col is not None:
-            assert abs(np.corrcoef(col, j)[0, 1]) < 0.05
+    _check_transcript(recorder, pair2d["fixed"], private.report["levels"], sampling.mode == "full")
+
+
+def _bits_are_fair(arr: np.ndarray) -> None:
+    a = torch.from_numpy(np.ascontiguousarray(arr)).reshape(-1)
+    bits = ((a[:, None] >> torch.arange(64)) & 1).double().mean(0)
+    assert float((bits - 0.5).abs().max()) < 6 * 0.5 / a.numel() ** 0.5 + 1e-3  # 6 sd
+
+
+def _check_transcript(recorder: list, fixed, levels: list[dict], full: bool) -> None:
+    """Everything party 1 sent (= what party 2 received) and the masked features it received: int64
+    arrays whose every bit is a fair coin and whose columns do not correlate with the fixed image at
+    the level's points (which the warped moving image matches after registration)."""
+    sent = [(kind, meta, arr) for d, kind, meta, arr in recorder if d == "sent"]
+    assert {k for k, _, _ in sent} <= {"setup", "level", "cross", "close"}
+    assert all(list(arr) == ["uh"] for k, _, arr in sent if k == "cross")  # no index, no plain value
+    assert not any(arr for k, _, arr in sent if k != "cross")
+    masked = [("uh", meta["level"], arr["uh"]) for k, meta, arr in sent if k == "cross"]
+    level_of = iter(range(len(levels)))
+    masked += [("vh", next(level_of), arr["vh"]) for d, k, _, arr in recorder if d == "received" and k == "features"]
+    checked = 0
+    for name, level, arr in masked:
+        assert arr.dtype == np.int64
+        _bits_are_fair(arr)
+        grid = fixed.grid.downsample(levels[level]["factor"])
+        if arr.shape[0] != grid.numel:  # a URS sample: the points are not at hand here
+            continue
+        j = resample(fixed, grid).data.reshape(-1).double().numpy()
+        for col in arr.T:
+            assert abs(np.corrcoef(col.astype(np.float64), j)[0, 1]) < 6 / j.size**0.5, name
+        checked += 1
+    if full:
+        assert checked > 0
 
 
 def test_private_bspline_equals_clear(pair2d, secure_run):
@@ -298,3 +325,51 @@ def test_stalled_peer_times_out_cleanly(pair2d, tmp_path, protocol):
                                           lambda p: p.send_signal(signal.SIGSTOP), 6.0)
     assert re.search("did not answer|stopped reading", str(err))
     assert elapsed < 6.0 + 10
+
+
+ROGUE_FIXED_PARTY = r"""
+import struct, sys
+from privreg.net.channel import Listener, PREFIX
+from privreg.net.pki import tls_context
+from privreg.secure.session import grid_to_dict
+from privreg.grid import Grid
+
+lst = Listener("127.0.0.1:0", tls_context(sys.argv[1], "fixed", True), 20)
+print("LISTENING", lst.port, flush=True)
+ch = lst.accept(("moving",))
+ch.send("hello", {"grid": grid_to_dict(Grid((64, 64), (2.0, 2.0), (0.0, 0.0)))})
+ch.recv("setup")
+head = b'{"kind": "features", "meta": {}, "arrays": []}'
+raw = {"oversized": PREFIX.pack(b"PRV1", len(head), 1 << 40) + head,
+       "garbage": b"\x00\x17 not a privreg frame at all " * 8}[sys.argv[2]]
+ch._io(ch._tls.write, raw)
+ch.recv()  # wait until party 1 hangs up
+"""
+
+
+@pytest.mark.parametrize("frame", ["oversized", "garbage"])
+def test_rogue_peer_process_is_refused_cleanly(pair2d, tmp_path, frame):
+    """A party-2 process with a valid certificate that answers with an oversized or garbage frame:
+    party 1 stops at once with a clear error and writes no output."""
+    import subprocess
+    import sys
+
+    from privreg.outputs import atomic_outdir
+
+    pki = make_pki(tmp_path / "pki")
+    proc = subprocess.Popen([sys.executable, "-c", ROGUE_FIXED_PARTY, str(pki), frame], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=5)
+        out = tmp_path / "out"
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="oversized frame|malformed frame|bad magic"):
+            with atomic_outdir(out):
+                run_moving_party(pair2d["moving"], f"127.0.0.1:{port}", None, str(pki), cfg, 10.0, protocol="fhe-v1")
+        assert time.monotonic() - t0 < 10
+        assert not out.exists()
+        proc.wait(10)  # the rogue sees party 1 hang up and exits: nothing is left running
+    finally:
+        proc.kill()
+        proc.stdout.close()

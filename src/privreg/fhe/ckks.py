@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ from ..net.channel import PeerError
 
 # Maximum total coefficient-modulus bits for 128-bit classical security (HomomorphicEncryption.org
 # standard, ternary secrets), by polynomial degree; SEAL's own table.
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None  # SEAL serialises through files
 HE_STANDARD_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
@@ -103,31 +105,58 @@ def expected_error(params: CkksParams) -> float:
 
 
 # ----------------------------------------------------------------------------- keys
+def rotation_steps(params: CkksParams) -> list[int]:
+    """The only rotations the products use: left by 1, 2, 4, ..., slots / 2 (baby and giant steps
+    are multiples of bb by powers of two; the folds halve down to bb)."""
+    return [1 << i for i in range(int(math.log2(params.slots)))]
+
+
 def secret_context(params: CkksParams) -> ts.Context:
-    """Party 2's context: secret key, public key, Galois keys for power-of-two rotations."""
+    """A party's own context: secret and public key (Galois keys: :meth:`KeyOwner.public_context`)."""
     params.check()
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bits))
-    ctx.generate_galois_keys()
     ctx.auto_rescale = False
     return ctx
 
 
-def public_context_bytes(ctx: ts.Context) -> bytes:
-    """What party 1 receives: parameters, public key and Galois keys; never the secret key."""
-    return ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=False)
+def join_context(context: bytes, galois: bytes) -> bytes:
+    """One blob for the wire: length-prefixed TenSEAL context, then the SEAL Galois keys."""
+    return struct.pack("!Q", len(context)) + context + galois
 
 
-def load_public_context(data: bytes) -> ts.Context:
-    """Party 1's side: load the public context and refuse anything that carries a secret key."""
+def load_public_context(data: bytes, params: CkksParams) -> "_Seal":
+    """The receiving side: load the peer's public context and Galois keys; refuse anything that
+    carries a secret key, other parameters or misses a rotation key."""
     try:
-        ctx = ts.context_from(data)
+        (n,) = struct.unpack("!Q", data[:8])
+        if n > len(data) - 8:
+            raise ValueError("truncated")
+        ctx = ts.context_from(data[8:8 + n])
     except Exception as exc:  # noqa: BLE001 - TenSEAL raises plain exceptions for bad input
-        raise PeerError(f"invalid CKKS context from the fixed party: {exc}") from None
+        raise PeerError(f"invalid CKKS context from the peer: {exc}") from None
     if ctx.has_secret_key() or not ctx.is_public():
-        raise PeerError("the fixed party sent a context with a secret key; refusing it")
-    if not ctx.has_galois_keys():
-        raise PeerError("the fixed party's CKKS context has no Galois keys")
-    return ctx
+        raise PeerError("the peer sent a context with a secret key; refusing it")
+    sc = ctx.seal_context().data
+    parms = sc.key_context_data().parms()
+    got = (parms.poly_modulus_degree(), tuple(q.bit_count() for q in parms.coeff_modulus()))
+    if got != (params.poly_degree, tuple(params.coeff_mod_bits)):
+        raise PeerError(f"the peer's CKKS context (N, moduli) = {got} does not match the agreed parameters")
+    seal = _Seal(ctx)
+    galois = sealapi.GaloisKeys()
+    try:
+        seal.load(galois, data[8 + n:])
+    except Exception as exc:  # noqa: BLE001
+        seal.close()
+        raise PeerError(f"invalid Galois keys from the peer: {exc}") from None
+    if not all(galois.has_key(e) for e in _galois_elements(sc, params)):
+        seal.close()
+        raise PeerError("the peer's Galois keys miss a rotation the products need")
+    seal.galois = galois
+    return seal
+
+
+def _galois_elements(sc, params: CkksParams) -> list[int]:
+    return sc.key_context_data().galois_tool().get_elts_from_steps(rotation_steps(params))
 
 
 class _Seal:
@@ -138,10 +167,10 @@ class _Seal:
         self.sc = ctx.seal_context().data
         self.encoder = sealapi.CKKSEncoder(self.sc)
         self.evaluator = sealapi.Evaluator(self.sc)
-        self.galois = ctx.galois_keys().data
+        self.galois: sealapi.GaloisKeys | None = None  # the peer's keys (a key owner never rotates)
         self.encryptor = sealapi.Encryptor(self.sc, ctx.public_key().data)
         self.slots = self.encoder.slot_count()
-        self._tmp = tempfile.mkdtemp(prefix="privreg-ckks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._tmp = tempfile.mkdtemp(prefix="privreg-ckks-", dir=_SHM)
 
     def plain(self, values: np.ndarray, scale: float) -> sealapi.Plaintext:
         pt = sealapi.Plaintext()
@@ -158,26 +187,36 @@ class _Seal:
         self.evaluator.rotate_vector(ct, step, self.galois, out)
         return out
 
+    def save(self, obj) -> bytes:
+        """Serialise a SEAL object (SEAL writes files: through a private temporary directory)."""
+        path = os.path.join(self._tmp, "obj")
+        try:
+            obj.save(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    def load(self, obj, data: bytes) -> None:
+        path = os.path.join(self._tmp, "obj")
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+            obj.load(self.sc, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
     def to_bytes(self, ct) -> bytes:
-        """Serialise a ciphertext (SEAL's own format; written through a private temp file)."""
-        path = os.path.join(self._tmp, "ct")
-        ct.save(path)
-        with open(path, "rb") as f:
-            data = f.read()
-        os.remove(path)
-        return data
+        return self.save(ct)
 
     def from_bytes(self, data: bytes) -> sealapi.Ciphertext:
-        path = os.path.join(self._tmp, "ct")
-        with open(path, "wb") as f:
-            f.write(data)
         ct = sealapi.Ciphertext()
         try:
-            ct.load(self.sc, path)
+            self.load(ct, data)
         except Exception as exc:  # noqa: BLE001
             raise PeerError(f"malformed ciphertext from peer: {exc}") from None
-        finally:
-            os.remove(path)
         if ct.poly_modulus_degree() != self.encoder.slot_count() * 2 or ct.size() != 2:
             raise PeerError("ciphertext from peer does not match the agreed parameters")
         return ct
@@ -260,7 +299,13 @@ class KeyOwner:
         self.decryptor = sealapi.Decryptor(self.seal.sc, self.ctx.secret_key().data)
 
     def public_context(self) -> bytes:
-        return public_context_bytes(self.ctx)
+        """What the peer receives: parameters, public key and seeded (SEAL-compressed) Galois keys for
+        :func:`rotation_steps` only: 12 keys, 4.7 MB at N = 8192, instead of TenSEAL's default 23
+        keys for every power-of-two rotation both ways (18.9 MB). Never the secret key."""
+        base = self.ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
+                                  save_relin_keys=False)
+        keygen = sealapi.KeyGenerator(self.seal.sc, self.ctx.secret_key().data)
+        return join_context(base, self.seal.save(keygen.create_galois_keys(_galois_elements(self.seal.sc, self.params))))
 
     def encrypt_features(self, v: np.ndarray, rows: int | None = None) -> tuple[list[bytes], np.ndarray]:
         """Normalised, packed, encrypted V[:rows]; returns the ciphertexts and the column exponents.
@@ -320,8 +365,8 @@ class Evaluator:
 
     def __init__(self, public_context: bytes, params: CkksParams) -> None:
         self.params = params
-        self.ctx = load_public_context(public_context)
-        self.seal = _Seal(self.ctx)
+        self.seal = load_public_context(public_context, params)
+        self.ctx = self.seal.ctx
 
     def features(self, blobs: list[bytes], exps: np.ndarray, num_points: int, cols: int) -> EncryptedFeatures:
         layout = Layout(num_points, cols, self.seal.slots)
