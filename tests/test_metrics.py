@@ -62,6 +62,10 @@ def test_cross_product_matches_einsum():
     ref = torch.einsum("ij,ia,ib->jab", kb.dense(), u, v)
     assert torch.allclose(cross_product(u, v, kb).cross, ref)
     assert torch.allclose(kb.to_sparse().dense(), kb.dense())
+    # one-hot V with spline bases (MI with a B-spline): scatter per bin, no (N, a * bins) product
+    for basis in (kb, kb.to_sparse()):
+        fast = cross_product(u, onehot, basis, v_bins=onehot.argmax(1))
+        assert torch.allclose(fast.cross, torch.einsum("ij,ia,ib->jab", kb.dense(), u, onehot))
 
 
 @pytest.mark.parametrize("metric", ["ssd", "mi"])
@@ -102,6 +106,18 @@ def test_seam_gradient_matches_finite_differences(metric, kind):
         scale = float(ev.grad.abs().max())
         assert abs(float(ev.grad[i]) - fd) < 0.05 * scale, (i, float(ev.grad[i]), fd)
     t.set_theta(th0)
+    if metric == "mi" and kind == "bspline":  # the matrix-free Hessian (large grids) equals the dense one
+        import privreg.objectives as objectives
+
+        dense = obj.evaluate(None).hess
+        objectives.DENSE_HESSIAN_MAX, saved = 0, objectives.DENSE_HESSIAN_MAX
+        try:
+            free = obj.evaluate(None)
+        finally:
+            objectives.DENSE_HESSIAN_MAX = saved
+        v = torch.randn(dense.shape[0], generator=gen, dtype=F64)
+        assert free.hess is None and torch.allclose(free.hess_matvec(v), dense @ v)
+        assert torch.allclose(free.hess_diag, torch.diagonal(dense))
 
 
 def mi_fixed_range(a, b):

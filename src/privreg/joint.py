@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .basis import Basis, DenseBasis
+from .basis import Basis, DenseBasis, SparseBasis
 from .grid import Grid
 from .image import Image, normalize_intensity, resample, smooth
 from .metrics.functional import parzen_fixed
@@ -155,8 +155,31 @@ def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins
         for s in range(0, u.shape[0], chunk):
             reduce((phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a), s, out)
         return CrossResult(out.T.reshape(p, a, b), total)
+    if v_bins is not None:  # one-hot V: cross[:, :, t] = Phi^T (U restricted to the points in bin t)
+        return CrossResult(_onehot_adjoint(basis, u, v_bins, b), total)
     uv = (u[:, :, None] * v[:, None, :]).reshape(u.shape[0], a * b)
     return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
+
+
+def _onehot_adjoint(basis: Basis, u: Tensor, bins: Tensor, nbins: int, budget: int = 1 << 25) -> Tensor:
+    """(P, a, nbins) with out[j, :, t] = sum_{i: bins_i = t} Phi[i, j] U[i, :], without forming the
+    (N, a * nbins) outer product (MI with a B-spline: a = 128 columns, P ~ 10^4 coefficients)."""
+    a = u.shape[1]
+    if isinstance(basis, SparseBasis):  # scatter each point's K weights into rows j * nbins + bin
+        out = torch.zeros(basis.num_basis * nbins, a, dtype=u.dtype)
+        k = basis.index.shape[1]
+        chunk = max(1, budget // max(k * a, 1))
+        for s in range(0, u.shape[0], chunk):
+            idx = basis.index[s:s + chunk] * nbins + bins[s:s + chunk, None]
+            contrib = basis.weight[s:s + chunk].to(u.dtype)[..., None] * u[s:s + chunk, None, :]
+            out.index_add_(0, idx.reshape(-1), contrib.reshape(-1, a))
+        return out.reshape(basis.num_basis, nbins, a).permute(0, 2, 1)
+    out = torch.zeros(basis.num_basis, a, nbins, dtype=u.dtype)  # e.g. a Kronecker basis on the full grid
+    for t in range(nbins):
+        sel = (bins == t).to(u.dtype)[:, None]
+        if bool(sel.any()):
+            out[:, :, t] = basis.adjoint(u * sel)
+    return out
 
 
 class ClearBackend(JointBackend):

@@ -116,6 +116,9 @@ class Evaluation:
     ssd_state: tuple | None = None  # SSD: (index, m I_w, m, sum m I_w^2, data value) for the next increment
 
 
+DENSE_HESSIAN_MAX = 4096  # parameters above which Gauss-Newton Hessians stay matrix-free
+
+
 class JointObjective:
     """SSD or MI through the joint-product seam (the PPIR formulation)."""
 
@@ -230,8 +233,11 @@ class JointObjective:
         mi = float((p * torch.log((p / (pr * pt).clamp(min=1e-20)).clamp(min=1e-20)) * nz).sum())
         grad = -(dp @ logterm.reshape(-1))
         w = torch.where(nz, 1.0 / p.clamp(min=1e-12) - 1.0 / pr.clamp(min=1e-12), torch.zeros_like(p)).reshape(-1)
-        hess = (dp * w[None]) @ dp.T
-        return Evaluation(-mi, grad, hess)
+        if dp.shape[0] <= DENSE_HESSIAN_MAX:
+            return Evaluation(-mi, grad, (dp * w[None]) @ dp.T)
+        live = w > 0  # Dowson-Bowden Hessian dp diag(w) dp^T, matrix-free (B-splines: P d ~ 10^4-10^5)
+        dpl, wl = dp[:, live], w[live]
+        return Evaluation(-mi, grad, None, lambda v: dpl @ (wl * (dpl.T @ v)), (dpl * dpl) @ wl)
 
     # ------------------------------------------------------- regularisation
     def _add_regularizer(self, ev: Evaluation) -> None:
