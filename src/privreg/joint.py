@@ -148,6 +148,18 @@ def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins
     total = torch.zeros(b, a, dtype=torch.float64)
     reduce(u, 0, total)
     total = total.T
+    if isinstance(basis, DenseBasis) and v_bins is not None:  # one matrix product per bin
+        phi = basis.matrix.to(torch.float64)
+        order = torch.argsort(v_bins)
+        counts = torch.bincount(v_bins, minlength=b).tolist()
+        ps, us = phi[order], u[order]
+        out = torch.zeros(phi.shape[1], a, b, dtype=torch.float64)
+        start = 0
+        for t, n in enumerate(counts):
+            if n:
+                out[:, :, t] = ps[start:start + n].T @ us[start:start + n]
+            start += n
+        return CrossResult(out, total)
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
         p = phi.shape[1]

@@ -65,10 +65,14 @@ def parzen_moving(values: Tensor, vmin: float, vmax: float, bins: int) -> tuple[
     """
     width = (vmax - vmin) / (bins - 5) if vmax > vmin else 1.0
     pos = (values - vmin) / width + 2.0
-    r = torch.arange(bins, dtype=values.dtype)
-    eps = r[None, :] - pos[:, None]  # epsilon(x, r) = r - (I - I_min)/db - offset
-    a = bspline_kernel(eps, 3)
-    da = bspline_kernel_derivative(eps, 3) * (-1.0 / width)
+    # the cubic kernel is non-zero on 4 bins only: evaluate those and scatter them (8x less work)
+    r = pos.detach().floor().long()[:, None] - 1 + torch.arange(4)  # (N, 4)
+    eps = r.to(values.dtype) - pos[:, None]  # epsilon(x, r) = r - (I - I_min)/db - offset
+    inside = ((r >= 0) & (r < bins)).to(values.dtype)
+    idx = r.clamp(0, bins - 1)
+    zeros = torch.zeros(values.shape[0], bins, dtype=values.dtype)
+    a = zeros.scatter_add(1, idx, bspline_kernel(eps, 3) * inside)
+    da = zeros.scatter_add(1, idx, bspline_kernel_derivative(eps, 3) * inside * (-1.0 / width))
     return a, da, width
 
 

@@ -1,8 +1,10 @@
 """Gauss-Newton with Levenberg-Marquardt damping (PPIR Algorithm 1).
 
 Each iteration needs one objective evaluation (one round of the joint-product seam).
-With full sampling a step is accepted only if the cost decreased (else the damping grows);
-with stochastic sampling (URS/GMS) every step is taken, as in the paper.
+With full sampling a step is accepted only if the cost decreased; the Levenberg-Marquardt damping
+follows Nielsen's gain-ratio rule (Madsen, Nielsen & Tingleff 2004, eq. 2.21), which settles where
+steps are accepted instead of alternating accept/reject. With stochastic sampling (URS/GMS) every
+step is taken, as in the paper.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def _solve(ev: Evaluation, mu: float, cg_iter: int) -> Tensor:
     return x
 
 
+def _predicted_gain(ev: Evaluation, delta: Tensor) -> float:
+    """Decrease of the Gauss-Newton model: -(g^T d + d^T H d / 2)."""
+    d = delta.to(F64)
+    hd = ev.hess.to(F64) @ d if ev.hess is not None else ev.hess_matvec(d)
+    return -float(ev.grad.to(F64) @ d + 0.5 * (d @ hd))
+
+
 def step_displacement(objective: JointObjective, ev: Evaluation, delta: Tensor) -> Tensor:
     """Displacement (N, d) of the sampled points caused by a parameter step."""
     jac = objective.model.chain()
@@ -80,7 +89,7 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
                  options: GNOptions, log: Callable[[dict], None] | None = None) -> dict:
     """Minimise ``objective``; ``draw(iteration)`` gives the point indices of each iteration."""
     model = objective.model
-    mu = options.damping
+    mu, nu = options.damping, 2.0
     it = 0
     ev = objective.evaluate(draw(0))
     evals = 1
@@ -105,15 +114,21 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
         evals += 1
         if not stochastic and (new is None or not (new.value <= ev.value)):
             model.update(-delta)  # reject: restore and damp more
-            mu = min(mu * 4.0, 1e8)
+            mu = min(mu * nu, 1e8)
+            nu *= 2.0
             if log:
                 log({"iteration": it, "value": ev.value, "step_mm": last_step, "accepted": False, "damping": mu})
             if mu >= 1e8 or last_step < options.tol_mm:
                 converged = last_step < options.tol_mm
                 break
             continue
-        if not stochastic:
-            mu = max(mu / 3.0, 1e-7)
+        if not stochastic:  # Nielsen's rule: damp by how well the quadratic model predicted the gain
+            rho = (ev.value - new.value) / max(_predicted_gain(ev, delta), 1e-300)
+            if rho > 0.75:
+                mu = max(mu / 3.0, 1e-7)
+            elif rho < 0.25:
+                mu = min(mu * 2.0, 1e8)
+            nu = 2.0
         ev = new
         if log:
             log({"iteration": it, "value": ev.value, "step_mm": last_step, "accepted": True, "damping": mu,
