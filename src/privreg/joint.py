@@ -132,51 +132,39 @@ def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins
     """Plain-text evaluation of the seam's products (used by the clear backend and by tests).
 
     ``v_bins`` (N,) may be given when V is one-hot (MI's zero-order window): V[i] = e_{v_bins[i]};
-    the products are then scatter-adds instead of matrix products (same result).
+    the products are then taken bin by bin (same result, no (N, a * b) outer product).
     """
     u = u.to(torch.float64)
     v = v.to(torch.float64)
     a, b = u.shape[1], v.shape[1]
-
-    def reduce(w: Tensor, s: int, out: Tensor) -> None:
-        """out (b, k) += V[s:s+len(w)]^T w for a chunk w (n, k)."""
-        if v_bins is None:
-            out += v[s:s + w.shape[0]].T @ w
-        else:
-            out.index_add_(0, v_bins[s:s + w.shape[0]], w)
-
-    total = torch.zeros(b, a, dtype=torch.float64)
-    reduce(u, 0, total)
-    total = total.T
-    if isinstance(basis, DenseBasis) and v_bins is not None:  # one matrix product per bin
-        phi = basis.matrix.to(torch.float64)
-        order = torch.argsort(v_bins)
-        counts = torch.bincount(v_bins, minlength=b).tolist()
-        ps, us = phi[order], u[order]
-        out = torch.zeros(phi.shape[1], a, b, dtype=torch.float64)
-        start = 0
-        for t, n in enumerate(counts):
-            if n:
-                out[:, :, t] = ps[start:start + n].T @ us[start:start + n]
-            start += n
-        return CrossResult(out, total)
+    if v_bins is not None:
+        total = torch.zeros(b, a, dtype=torch.float64).index_add_(0, v_bins, u).T
+        return CrossResult(_onehot_cross(basis, u, v_bins, b), total)
+    total = u.T @ v
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
         p = phi.shape[1]
         out = torch.zeros(b, p * a, dtype=torch.float64)
         for s in range(0, u.shape[0], chunk):
-            reduce((phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a), s, out)
+            out += v[s:s + chunk].T @ (phi[s:s + chunk, :, None] * u[s:s + chunk, None, :]).reshape(-1, p * a)
         return CrossResult(out.T.reshape(p, a, b), total)
-    if v_bins is not None:  # one-hot V: cross[:, :, t] = Phi^T (U restricted to the points in bin t)
-        return CrossResult(_onehot_adjoint(basis, u, v_bins, b), total)
     uv = (u[:, :, None] * v[:, None, :]).reshape(u.shape[0], a * b)
     return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
 
 
-def _onehot_adjoint(basis: Basis, u: Tensor, bins: Tensor, nbins: int, budget: int = 1 << 25) -> Tensor:
-    """(P, a, nbins) with out[j, :, t] = sum_{i: bins_i = t} Phi[i, j] U[i, :], without forming the
-    (N, a * nbins) outer product (MI with a B-spline: a = 128 columns, P ~ 10^4 coefficients)."""
+def _onehot_cross(basis: Basis, u: Tensor, bins: Tensor, nbins: int, budget: int = 1 << 25) -> Tensor:
+    """(P, a, nbins) with out[j, :, t] = sum_{i: bins_i = t} Phi[i, j] U[i, :]."""
     a = u.shape[1]
+    if isinstance(basis, DenseBasis):  # one matrix product per bin, points sorted by bin
+        order = torch.argsort(bins)
+        phi, us = basis.matrix.to(u.dtype)[order], u[order]
+        out = torch.zeros(phi.shape[1], a, nbins, dtype=u.dtype)
+        start = 0
+        for t, n in enumerate(torch.bincount(bins, minlength=nbins).tolist()):
+            if n:
+                out[:, :, t] = phi[start:start + n].T @ us[start:start + n]
+            start += n
+        return out
     if isinstance(basis, SparseBasis):  # scatter each point's K weights into rows j * nbins + bin
         out = torch.zeros(basis.num_basis * nbins, a, dtype=u.dtype)
         k = basis.index.shape[1]

@@ -1,9 +1,11 @@
 """Gauss-Newton with Levenberg-Marquardt damping (PPIR Algorithm 1).
 
 Each iteration needs one objective evaluation (one round of the joint-product seam).
-With full sampling a step is accepted only if the cost decreased; the Levenberg-Marquardt damping
-follows Nielsen's gain-ratio rule (Madsen, Nielsen & Tingleff 2004, eq. 2.21), which settles where
-steps are accepted instead of alternating accept/reject. With stochastic sampling (URS/GMS) every
+With full sampling a step is accepted only if the cost decreased. The Levenberg-Marquardt damping
+follows the gain ratio rho = actual / predicted decrease (Marquardt's rule: divide by 3 when
+rho > 3/4, double when rho < 1/4; after a rejection multiply by 2, 4, 8, ... as in Nielsen's rule),
+so it settles where steps are accepted instead of alternating accept/reject (MI's Dowson-Bowden
+Hessian underestimates the curvature). With stochastic sampling (URS/GMS) every
 step is taken, as in the paper.
 """
 
@@ -122,7 +124,7 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
                 converged = last_step < options.tol_mm
                 break
             continue
-        if not stochastic:  # Nielsen's rule: damp by how well the quadratic model predicted the gain
+        if not stochastic:  # damp by how well the quadratic model predicted the gain
             rho = (ev.value - new.value) / max(_predicted_gain(ev, delta), 1e-300)
             if rho > 0.75:
                 mu = max(mu / 3.0, 1e-7)
