@@ -274,7 +274,29 @@ def colin_to_mni() -> dict:
     mask = (fixed.data > 0).reshape(-1)
     results["privreg_bspline"] = {"dice": score(defo.transform), "seconds": time.perf_counter() - t0,
                                   "jacobian": jacobian_stats(defo.transform, fixed.grid, mask)}
+    results.update(_colin_ants(fixed, moving, labels))
     return results
+
+
+def _colin_ants(fixed: Image, moving: Image, labels: list[int]) -> dict:
+    """ANTs Affine and SyN (defaults) on the same 2 mm pair, labels warped the same way."""
+    import ants
+
+    out = {}
+    with tempfile.TemporaryDirectory() as td:
+        write_image(fixed, f"{td}/f.nii.gz")
+        write_image(moving, f"{td}/m.nii.gz")
+        f, m = ants.image_read(f"{td}/f.nii.gz"), ants.image_read(f"{td}/m.nii.gz")
+        fl = ants.image_read(str(DATA / "brain3d/mni152_aal.nii.gz"))
+        ml = ants.image_read(str(DATA / "brain3d/colin27_aal.nii.gz"))
+        for kind in ("Affine", "SyN"):
+            t0 = time.perf_counter()
+            reg = ants.registration(f, m, type_of_transform=kind)
+            dt = time.perf_counter() - t0
+            w = ants.apply_transforms(fl, ml, transformlist=reg["fwdtransforms"], interpolator="nearestNeighbor")
+            d = dice(torch.from_numpy(fl.numpy()).round().long(), torch.from_numpy(w.numpy()).round().long(), labels)
+            out[f"ants_{kind.lower()}"] = {"dice": float(np.mean(list(d.values()))), "seconds": dt}
+    return out
 
 
 # ------------------------------------------------------------------------------ main
