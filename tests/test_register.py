@@ -68,3 +68,21 @@ def test_autograd_paths_lncc_svf_and_ncc_lbfgs(t1_slice):
     res = register(fixed, t1_slice, "svf", "lncc", grid_spacing=4.0, levels=(2, 1), max_iter=60, reg_weight=0.5,
                    reg_kind="diffusion")
     assert mean_displacement_error(res.transform, field, fixed.grid, mask) < 0.5 * before
+
+
+def test_lbfgs_line_search_sees_the_function_it_differentiates():
+    """L-BFGS normalises the objective by its first gradient; the value it returns to the line
+    search must be scaled alike (else, for a small-valued metric, every step failed and theta
+    stayed put: the B-spline NCC runs on Colin27 did not move)."""
+    from privreg.optim.first_order import FirstOrderOptions, minimize_autograd, register_owner
+
+    model = torch.nn.Module()
+    model.theta = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    register_owner(model)
+    target = torch.arange(5, dtype=torch.float64)
+
+    def loss(it):
+        return 1e-6 * ((model.theta - target) ** 2).sum()
+
+    minimize_autograd(loss, model.theta, None, FirstOrderOptions(method="lbfgs", max_iter=20))
+    assert float((model.theta.detach() - target).abs().max()) < 1e-4

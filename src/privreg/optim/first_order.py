@@ -53,11 +53,12 @@ def minimize_autograd(loss_fn: Callable[[int], Tensor], theta: Tensor, scales: T
         def closure() -> Tensor:
             opt.zero_grad()
             loss = closure_value(counter["n"])
-            (gain * loss).backward()
+            scaled = gain * loss  # the line search needs the value and the gradient of the same function
+            scaled.backward()
             counter["n"] += 1
             if log:
                 log({"iteration": counter["n"], "value": float(loss.detach())})
-            return loss
+            return scaled
 
         opt.step(closure)
         iters = counter["n"]
