@@ -86,6 +86,12 @@ def test_product_protocol_matches_plaintext(kind):
     assert bool(((total - u.T @ v).abs() <= tol * (u.abs().T @ v.abs())).all())
 
 
+def _bits_are_fair(arr) -> None:
+    a = torch.as_tensor(np.ascontiguousarray(arr)).reshape(-1)
+    bits = ((a[:, None] >> torch.arange(64)) & 1).double().mean(0)
+    assert float((bits - 0.5).abs().max()) < 6 * 0.5 / a.numel() ** 0.5 + 1e-3  # 6 sd
+
+
 def test_masked_values_are_uniform_and_independent_of_the_image():
     """What crosses the boundary (U - Ra, V - Rb) is uniform in Z_2^64, even for a constant image."""
     n = 20000
@@ -94,8 +100,7 @@ def test_masked_values_are_uniform_and_independent_of_the_image():
     basis = DenseBasis(torch.ones(n, 1, dtype=F64))
     _, (uh, vh) = _protocol(basis, u, v)
     for arr in (uh, vh):
-        bits = ((arr.reshape(-1, 1) >> torch.arange(64)) & 1).double().mean(0)
-        assert float((bits - 0.5).abs().max()) < 0.02  # every bit is a fair coin
+        _bits_are_fair(arr)  # every bit is a fair coin
         top = (arr.reshape(-1) >> 56) & 0xFF  # chi-square on the top byte
         counts = torch.bincount(top, minlength=256).double()
         chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
@@ -219,12 +224,6 @@ def test_private_registration_equals_clear(pair2d, secure_run, transform, metric
         minimum = call["points"] * a * 8
         assert call["bytes_sent"] < 1.2 * minimum + 4096
     _check_transcript(recorder, pair2d["fixed"], private.report["levels"], sampling.mode == "full")
-
-
-def _bits_are_fair(arr: np.ndarray) -> None:
-    a = torch.from_numpy(np.ascontiguousarray(arr)).reshape(-1)
-    bits = ((a[:, None] >> torch.arange(64)) & 1).double().mean(0)
-    assert float((bits - 0.5).abs().max()) < 6 * 0.5 / a.numel() ** 0.5 + 1e-3  # 6 sd
 
 
 def _check_transcript(recorder: list, fixed, levels: list[dict], full: bool) -> None:

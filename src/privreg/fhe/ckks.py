@@ -58,9 +58,9 @@ from ..errors import InputError
 from ..mpc.ring import Prg
 from ..net.channel import PeerError
 
+_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None  # SEAL serialises through files
 # Maximum total coefficient-modulus bits for 128-bit classical security (HomomorphicEncryption.org
 # standard, ternary secrets), by polynomial degree; SEAL's own table.
-_SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None  # SEAL serialises through files
 HE_STANDARD_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 
 
@@ -208,9 +208,6 @@ class _Seal:
             with contextlib.suppress(OSError):
                 os.remove(path)
 
-    def to_bytes(self, ct) -> bytes:
-        return self.save(ct)
-
     def from_bytes(self, data: bytes) -> sealapi.Ciphertext:
         ct = sealapi.Ciphertext()
         try:
@@ -317,7 +314,7 @@ class KeyOwner:
     def encrypt_packed(self, x: np.ndarray, scale_bits: int) -> list[bytes]:
         """Point-major :class:`Layout` packing of a normalised (N, cols) matrix, one ciphertext per chunk."""
         layout = Layout(x.shape[0], x.shape[1], self.seal.slots)
-        return [self.seal.to_bytes(self.seal.encrypt(row, 2.0 ** scale_bits)) for row in layout.pack(x)]
+        return [self.seal.save(self.seal.encrypt(row, 2.0 ** scale_bits)) for row in layout.pack(x)]
 
     def decrypt(self, blobs: list[bytes], count: int) -> np.ndarray:
         """The first ``count`` slots of each ciphertext (no noise added: for this party's own use)."""
@@ -422,7 +419,7 @@ class Evaluator:
             self._fold(acc, r_total * lay.bb)
             mask_ct = seal.encrypt(masks[g], acc.scale)
             seal.evaluator.add_inplace(acc, mask_ct)
-            blobs.append(seal.to_bytes(acc))
+            blobs.append(seal.save(acc))
         return blobs
 
     def replicated_products(self, blobs: list[bytes], outputs: int, v: np.ndarray, masks: np.ndarray) -> list[bytes]:
@@ -449,7 +446,7 @@ class Evaluator:
                 acc = seal.encrypt(np.zeros(lay.slots), 2.0 ** (self.params.v_scale_bits + self.params.w_scale_bits))
             self._fold(acc, lay.bb)
             seal.evaluator.add_inplace(acc, seal.encrypt(masks[col], acc.scale))
-            out.append(seal.to_bytes(acc))
+            out.append(seal.save(acc))
         return out
 
     def _multiply_add(self, acc, ct, values: np.ndarray, scale: float):
