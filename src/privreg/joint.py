@@ -15,6 +15,10 @@ to party 1. Every quantity of the PPIR paper is of this form:
 * MI (sec. 2.2): V = B (one-hot fixed bins), U = [m*A, m*C]:  P = A^T B / N = total[:nb] / N,
   dP/dtheta = C^T B / N (eq. 9) = cross[:, nb:, :] / N.
 
+U may be given as :class:`Columns`, side-by-side parts some of which are :class:`BlockRows` (MI's
+Parzen windows have 4 live bins per row). The clear backend then takes the products on the live
+entries only (no N x a dense U); other backends call :func:`dense_columns` first.
+
 Backends: :class:`ClearBackend` here; MPC and CKKS backends implement the same two methods
 (``start_level`` and ``cross``) with party 2 in another process. Nothing else in the
 registration loop knows which backend runs.
@@ -27,12 +31,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .basis import Basis, DenseBasis, SparseBasis
 from .grid import Grid
 from .image import Image, normalize_intensity, resample, smooth
-from .metrics.functional import parzen_fixed
+from .metrics.functional import parzen_fixed_bins
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,61 @@ class FixedSide:
     def level_grid(self, level: int) -> Grid:
         return self.fixed.grid.downsample(self.levels[level].factor)
 
+    def values(self, level: int) -> Tensor:
+        """J at the level's points (N,)."""
+        return level_image(self.fixed, self.level_grid(level), self.levels[level]).data.reshape(-1).to(torch.float64)
+
+    def fixed_bins(self, level: int, bins: int) -> Tensor:
+        """MI's zero-order Parzen bin of each point (N,): the index of the one in V's row."""
+        j = self.values(level)
+        return parzen_fixed_bins(j, float(j.min()), float(j.max()), bins)
+
     def features(self, level: int, spec: FeatureSpec) -> Tensor:
-        j = level_image(self.fixed, self.level_grid(level), self.levels[level]).data.reshape(-1).to(torch.float64)
         if spec.kind == "ssd":
+            j = self.values(level)
             return torch.stack([j, j * j], dim=1)
         if spec.kind == "mi":
-            return parzen_fixed(j, float(j.min()), float(j.max()), spec.bins)
+            return F.one_hot(self.fixed_bins(level, spec.bins), spec.bins).to(torch.float64)
         raise ValueError(f"unknown feature kind {spec.kind!r}")
+
+
+@dataclass(frozen=True)
+class BlockRows:
+    """An (N, nblocks * width) matrix with K non-zero column blocks per row (block-major columns):
+    M[i, idx[i, l] * width + q] = val[i, l, q]; repeated blocks in a row add up."""
+
+    idx: Tensor  # (N, K) long, in [0, nblocks)
+    val: Tensor  # (N, K, width)
+    nblocks: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.val.shape[0], self.nblocks * self.val.shape[2])
+
+    def dense(self) -> Tensor:
+        n, _, w = self.val.shape
+        out = torch.zeros(n, self.nblocks, w, dtype=self.val.dtype)
+        out.scatter_add_(1, self.idx[:, :, None].expand(-1, -1, w), self.val)
+        return out.reshape(n, -1)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """U as side-by-side parts (dense tensors or :class:`BlockRows`), all with the same rows."""
+
+    parts: tuple
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.parts[0].shape[0], sum(int(p.shape[1]) for p in self.parts))
+
+    def dense(self) -> Tensor:
+        return torch.cat([p.dense() if isinstance(p, BlockRows) else p for p in self.parts], 1)
+
+
+def dense_columns(u: "Tensor | Columns") -> Tensor:
+    """U as one dense (N, a) tensor."""
+    return u.dense() if isinstance(u, Columns) else u
 
 
 @dataclass(frozen=True)
@@ -116,7 +169,7 @@ class JointBackend(ABC):
         """Party 2 prepares V for pyramid ``level`` (done once per level)."""
 
     @abstractmethod
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+    def cross(self, u: "Tensor | Columns", basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
         """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b] (at least
         the entries ``need`` names)."""
 
@@ -128,18 +181,18 @@ class JointBackend(ABC):
         """Release resources (sockets, processes)."""
 
 
-def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins: Tensor | None = None) -> CrossResult:
+def cross_product(u: "Tensor | Columns", v: Tensor, basis: Basis, chunk: int = 16384,
+                  v_bins: Tensor | None = None) -> CrossResult:
     """Plain-text evaluation of the seam's products (used by the clear backend and by tests).
 
     ``v_bins`` (N,) may be given when V is one-hot (MI's zero-order window): V[i] = e_{v_bins[i]};
-    the products are then taken bin by bin (same result, no (N, a * b) outer product).
+    then :func:`onehot_product` is used (same result, no (N, a * b) outer product).
     """
-    u = u.to(torch.float64)
+    if v_bins is not None:
+        return onehot_product(u, v_bins, v.shape[1], basis)
+    u = dense_columns(u).to(torch.float64)
     v = v.to(torch.float64)
     a, b = u.shape[1], v.shape[1]
-    if v_bins is not None:
-        total = torch.zeros(b, a, dtype=torch.float64).index_add_(0, v_bins, u).T
-        return CrossResult(_onehot_cross(basis, u, v_bins, b), total)
     total = u.T @ v
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
@@ -150,6 +203,47 @@ def cross_product(u: Tensor, v: Tensor, basis: Basis, chunk: int = 16384, v_bins
         return CrossResult(out.T.reshape(p, a, b), total)
     uv = (u[:, :, None] * v[:, None, :]).reshape(u.shape[0], a * b)
     return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
+
+
+def onehot_product(u: "Tensor | Columns", bins: Tensor, nbins: int, basis: Basis) -> CrossResult:
+    """The seam's products when V is one-hot, V[i] = e_{bins[i]} (N,): sums per fixed bin."""
+    if isinstance(u, Columns):
+        res = [_block_onehot(p, basis, bins, nbins) if isinstance(p, BlockRows) else onehot_product(p, bins, nbins, basis)
+               for p in u.parts]
+        return CrossResult(torch.cat([r.cross for r in res], 1), torch.cat([r.total for r in res], 0))
+    u = u.to(torch.float64)
+    total = torch.zeros(nbins, u.shape[1], dtype=torch.float64).index_add_(0, bins, u).T
+    return CrossResult(_onehot_cross(basis, u, bins, nbins), total)
+
+
+def _block_onehot(part: BlockRows, basis: Basis, bins: Tensor, nbins: int, budget: int = 1 << 24) -> CrossResult:
+    """The seam's products for a :class:`BlockRows` part of U and a one-hot V (fixed bins ``bins``):
+    each of a row's K live entries is added into its (block, fixed bin) cell, so the work is
+    N x K x width (x basis weights per point), not N x nblocks x width."""
+    val = part.val.to(torch.float64)
+    n, k, w = val.shape
+    cells = part.nblocks * nbins
+    rows = part.idx * nbins + bins[:, None]  # (N, K) joint (block, fixed bin) cell
+    total = torch.zeros(cells, w, dtype=torch.float64).index_add_(0, rows.reshape(-1), val.reshape(-1, w))
+    total = total.reshape(part.nblocks, nbins, w).permute(0, 2, 1).reshape(-1, nbins)
+    if isinstance(basis, DenseBasis):
+        phi = basis.matrix.to(torch.float64)
+        p = phi.shape[1]
+        f = (val[:, :, None, :] * phi[:, None, :, None]).reshape(n * k, p * w)
+        cross = torch.zeros(cells, p * w, dtype=torch.float64).index_add_(0, rows.reshape(-1), f)
+        cross = cross.reshape(part.nblocks, nbins, p, w).permute(2, 0, 3, 1)
+    elif isinstance(basis, SparseBasis):  # cell (basis function j, block, fixed bin)
+        kp = basis.index.shape[1]
+        cross = torch.zeros(basis.num_basis * cells, w, dtype=torch.float64)
+        chunk = max(1, budget // max(k * kp * w, 1))
+        for s in range(0, n, chunk):
+            idx = basis.index[s:s + chunk, None, :] * cells + rows[s:s + chunk, :, None]  # (n, K, Kp)
+            contrib = basis.weight[s:s + chunk, None, :, None].to(torch.float64) * val[s:s + chunk, :, None, :]
+            cross.index_add_(0, idx.reshape(-1), contrib.reshape(-1, w))
+        cross = cross.reshape(basis.num_basis, part.nblocks, nbins, w).permute(0, 1, 3, 2)
+    else:
+        return CrossResult(_onehot_cross(basis, part.dense().to(torch.float64), bins, nbins), total)
+    return CrossResult(cross.reshape(-1, part.nblocks * w, nbins), total)
 
 
 def _onehot_cross(basis: Basis, u: Tensor, bins: Tensor, nbins: int, budget: int = 1 << 25) -> Tensor:
@@ -189,19 +283,24 @@ class ClearBackend(JointBackend):
         self.fixed_side = fixed_side
         self.v: Tensor | None = None
         self.v_bins: Tensor | None = None
+        self.spec: FeatureSpec | None = None
         self.stats = BackendStats()
 
     def start_level(self, level: int, spec: FeatureSpec) -> None:
-        self.v = self.fixed_side.features(level, spec)
-        self.v_bins = self.v.argmax(1) if spec.kind == "mi" else None
+        self.spec = spec
+        if spec.kind == "mi":  # one-hot V kept as its bin indices
+            self.v, self.v_bins = None, self.fixed_side.fixed_bins(level, spec.bins)
+        else:
+            self.v, self.v_bins = self.fixed_side.features(level, spec), None
 
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
-        if self.v is None:
+    def cross(self, u: "Tensor | Columns", basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+        if self.v is None and self.v_bins is None:
             raise RuntimeError("start_level must be called before cross")
         t0 = time.perf_counter()
-        v = self.v if index is None else self.v[index]
-        bins = None if self.v_bins is None else (self.v_bins if index is None else self.v_bins[index])
-        res = cross_product(u, v, basis, v_bins=bins)
+        if self.v_bins is not None:
+            res = onehot_product(u, self.v_bins if index is None else self.v_bins[index], self.spec.bins, basis)
+        else:
+            res = cross_product(u, self.v if index is None else self.v[index], basis)
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return res

@@ -20,8 +20,8 @@ from torch import Tensor
 from .basis import Basis, DenseBasis
 from .grid import Grid
 from .image import Image, gradient, sample
-from .joint import FeatureSpec, JointBackend, Need
-from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving, ssd_loss
+from .joint import BlockRows, Columns, FeatureSpec, JointBackend, Need
+from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving_live, ssd_loss
 from .regularizers import REGULARIZERS, control_grid_operator
 from .transforms import CompositeTransform, GridSplineTransform, LinearTransform, Transform
 
@@ -218,9 +218,10 @@ class JointObjective:
     # ------------------------------------------------------------------- MI
     def _mi(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
         nb = self.bins
-        a, da, _ = parzen_moving(i_w, self.moving.vmin, self.moving.vmax, nb)
-        c = (da[:, :, None] * g[:, None, :]).reshape(-1, nb * d)  # dA(x, r)/dW_k
-        u = torch.cat([a * m[:, None], c * m[:, None]], 1)
+        idx, wa, dwa, _ = parzen_moving_live(i_w, self.moving.vmin, self.moving.vmax, nb)  # A's 4 live bins
+        a = BlockRows(idx, (wa * m[:, None])[:, :, None], nb)  # m A  (N, nb)
+        c = BlockRows(idx, (dwa * m[:, None])[:, :, None] * g[:, None, :], nb)  # m dA(x, r)/dW_k  (N, nb * d)
+        u = Columns((a, c))
         res = self.backend.cross(u, basis, index, Need(slice(nb, None), slice(0, nb)))
         p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pnum = basis.num_basis

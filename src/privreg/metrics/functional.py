@@ -57,30 +57,39 @@ def lncc_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, radius: int = 4)
 
 
 # ----------------------------------------------------------- mutual information
-def parzen_moving(values: Tensor, vmin: float, vmax: float, bins: int) -> tuple[Tensor, Tensor, float]:
-    """Cubic B-spline Parzen weights A (N, bins) of moving values and dA/dvalue.
+def parzen_moving_live(values: Tensor, vmin: float, vmax: float, bins: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The cubic B-spline Parzen window of moving values on its 4 live bins.
 
     Intensities map to [2, bins - 3] (Mattes/ITK padding) so the cubic kernel stays inside.
-    Returns (A, dA/dI, bin width).
+    Returns (bin index (N, 4), weight (N, 4), d weight / d value (N, 4), bin width); bins that fall
+    outside [0, bins) get weight 0 and a clamped index.
     """
     width = (vmax - vmin) / (bins - 5) if vmax > vmin else 1.0
     pos = (values - vmin) / width + 2.0
-    # the cubic kernel is non-zero on 4 bins only: evaluate those and scatter them (8x less work)
     r = pos.detach().floor().long()[:, None] - 1 + torch.arange(4)  # (N, 4)
     eps = r.to(values.dtype) - pos[:, None]  # epsilon(x, r) = r - (I - I_min)/db - offset
     inside = ((r >= 0) & (r < bins)).to(values.dtype)
-    idx = r.clamp(0, bins - 1)
+    return (r.clamp(0, bins - 1), bspline_kernel(eps, 3) * inside,
+            bspline_kernel_derivative(eps, 3) * inside * (-1.0 / width), width)
+
+
+def parzen_moving(values: Tensor, vmin: float, vmax: float, bins: int) -> tuple[Tensor, Tensor, float]:
+    """Cubic B-spline Parzen weights A (N, bins) of moving values and dA/dvalue (dense form of
+    :func:`parzen_moving_live`). Returns (A, dA/dI, bin width)."""
+    idx, w, dw, width = parzen_moving_live(values, vmin, vmax, bins)
     zeros = torch.zeros(values.shape[0], bins, dtype=values.dtype)
-    a = zeros.scatter_add(1, idx, bspline_kernel(eps, 3) * inside)
-    da = zeros.scatter_add(1, idx, bspline_kernel_derivative(eps, 3) * inside * (-1.0 / width))
-    return a, da, width
+    return zeros.scatter_add(1, idx, w), zeros.scatter_add(1, idx, dw), width
+
+
+def parzen_fixed_bins(values: Tensor, vmin: float, vmax: float, bins: int) -> Tensor:
+    """Zero-order Parzen window of fixed values: the bin index of each value (N,)."""
+    width = (vmax - vmin) / bins if vmax > vmin else 1.0
+    return torch.clamp(((values - vmin) / width).floor().long(), 0, bins - 1)
 
 
 def parzen_fixed(values: Tensor, vmin: float, vmax: float, bins: int) -> Tensor:
     """Zero-order (one-hot) Parzen weights B (N, bins) of fixed values."""
-    width = (vmax - vmin) / bins if vmax > vmin else 1.0
-    idx = torch.clamp(((values - vmin) / width).floor().long(), 0, bins - 1)
-    return F.one_hot(idx, bins).to(values.dtype)
+    return F.one_hot(parzen_fixed_bins(values, vmin, vmax, bins), bins).to(values.dtype)
 
 
 def mi_from_joint(p: Tensor) -> Tensor:
@@ -101,8 +110,8 @@ def mi_loss(a: Tensor, b: Tensor, mask: Tensor | None = None, bins: int = 32,
     if ranges is None:
         ranges = (float(a.min()), float(a.max()), float(b.min()), float(b.max()))
     wa, _, _ = parzen_moving(a, ranges[0], ranges[1], bins)
-    wb = parzen_fixed(b, ranges[2], ranges[3], bins)
-    p = wa.T @ wb / a.numel()
+    tb = parzen_fixed_bins(b, ranges[2], ranges[3], bins)  # B one-hot: A^T B sums A's rows per fixed bin
+    p = torch.zeros(bins, bins, dtype=wa.dtype).index_add(0, tb, wa).T / a.numel()
     return -mi_from_joint(p)
 
 

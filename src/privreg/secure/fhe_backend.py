@@ -26,7 +26,7 @@ from ..basis import Basis
 from ..errors import InputError
 from ..fhe.ckks import (CkksParams, Evaluator, KeyOwner, Layout, column_exponents, pack_bytes, uniform_masks,
                         unpack_bytes, v2_split)
-from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
+from ..joint import ALL, BackendStats, Columns, CrossResult, FeatureSpec, JointBackend, Need, dense_columns
 from ..mpc.ring import Prg, new_key
 from ..net.channel import Channel, PeerError
 
@@ -106,7 +106,8 @@ class FHEBackend(JointBackend):
             self._feats = (key, self.evaluator.features(blobs, arr["exps"].numpy(), n, int(meta["cols"])))
         return self._feats[1]
 
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+    def cross(self, u: Tensor | Columns, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+        u = dense_columns(u)
         if self.spec is None:
             raise RuntimeError("start_level must be called before cross")
         t0, c0 = time.perf_counter(), time.process_time()

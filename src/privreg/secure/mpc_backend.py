@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..basis import Basis
 from ..errors import InputError
-from ..joint import ALL, BackendStats, CrossResult, FeatureSpec, JointBackend, Need
+from ..joint import ALL, BackendStats, Columns, CrossResult, FeatureSpec, JointBackend, Need, dense_columns
 from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, feature_columns, int_cross, phi_bits
 from ..mpc.ring import Prg, encode
 from ..net.channel import Channel, PeerError
@@ -46,7 +46,8 @@ class MPCBackend(JointBackend):
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
         self.sample_key = (level, iteration)
 
-    def cross(self, u: Tensor, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+    def cross(self, u: Tensor | Columns, basis: Basis, index: Tensor | None, need: Need = ALL) -> CrossResult:
+        u = dense_columns(u)
         if self.vh is None:
             raise RuntimeError("start_level must be called before cross")
         t0, c0 = time.perf_counter(), time.process_time()
