@@ -36,11 +36,12 @@ class GNOptions:
     max_iter: int = 100
     tol_mm: float = 1e-3  # stop when the RMS point displacement of a step is below this
     damping: float = 1e-3  # initial Levenberg-Marquardt factor (relative to diag(H))
-    cg_iter: int = 60
+    cg_iter: int = 20  # matrix-free solves: truncated conjugate gradients (inexact Gauss-Newton)
+    cg_tol: float = 1e-2  # ... stopped when the residual falls below this fraction of the first
     max_step_mm: float = 0.0  # 0 = no cap; else rescale steps whose max displacement exceeds it
 
 
-def _solve(ev: Evaluation, mu: float, cg_iter: int, curv: float = 1.0) -> Tensor:
+def _solve(ev: Evaluation, mu: float, cg_iter: int, curv: float = 1.0, cg_tol: float = 1e-2) -> Tensor:
     g = ev.grad.to(F64)
     if ev.hess is not None:
         h = ev.hess.to(F64)
@@ -70,7 +71,7 @@ def _solve(ev: Evaluation, mu: float, cg_iter: int, curv: float = 1.0) -> Tensor
         alpha = rz / max(float(p @ ap), 1e-300)
         x = x + alpha * p
         r = r - alpha * ap
-        if math.sqrt(float(r @ r)) < 1e-4 * r0:
+        if math.sqrt(float(r @ r)) < cg_tol * r0:
             break
         z = precond * r
         rz_new = float(r @ z)
@@ -105,7 +106,7 @@ def gauss_newton(objective: JointObjective, draw: Callable[[int], Tensor | None]
     converged = False
     last_step = float("nan")
     while it < options.max_iter:
-        delta = _solve(ev, mu, options.cg_iter, curv)
+        delta = _solve(ev, mu, options.cg_iter, curv, options.cg_tol)
         disp = step_displacement(objective, ev, delta)
         norms = torch.linalg.norm(disp, dim=1)
         if options.max_step_mm > 0 and float(norms.max()) > options.max_step_mm:
