@@ -243,21 +243,22 @@ def run_dipy(case: dict, tmp: Path) -> dict:
     return {"seconds": dt, "error_mm": error_from_points(mapped, case)}
 
 
+def _child(fn, case: dict, tmp: Path, send) -> None:
+    try:
+        send.send(fn(case, tmp))
+    except Exception as exc:
+        send.send({"failed": f"{type(exc).__name__}: {exc}"})
+
+
 def isolated(fn, case: dict, tmp: Path) -> dict:
-    """Run a peer in a forked child, so a crash in its native code (ITKElastix segfaults on the
-    3D B-spline case) is reported as a failure instead of ending the benchmark."""
+    """Run a peer in a fresh child process, so a crash in its native code (ITKElastix segfaults on
+    the 3D B-spline case) is reported as a failure instead of ending the benchmark. Spawned, not
+    forked: torch's OpenMP pool does not survive a fork (the forked ANTs child hung)."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-
-    def child() -> None:
-        try:
-            send.send(fn(case, tmp))
-        except Exception as exc:
-            send.send({"failed": f"{type(exc).__name__}: {exc}"})
-
-    proc = ctx.Process(target=child)
+    proc = ctx.Process(target=_child, args=(fn, case, tmp, send))
     proc.start()
     send.close()
     try:
