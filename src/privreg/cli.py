@@ -32,7 +32,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bins", type=int, default=32, help="histogram bins for MI")
     p.add_argument("--grid-spacing", type=float, default=10.0, help="control-point / field spacing in mm")
     p.add_argument("--reg-weight", type=float, default=None,
-                   help="regularisation weight; Gauss-Newton B-spline: relative to the data term (default 3e-3), else absolute (default 0)")
+                   help="regularisation weight; Gauss-Newton B-spline: relative to the data term (default 3e-3 for SSD, 3 for MI), else absolute (default 0)")
     p.add_argument("--reg", default="bending", choices=["diffusion", "elastic", "bending", "folding"])
     p.add_argument("--init", default="geometry", choices=["geometry", "moments", "identity"])
     p.add_argument("--initial-transform", default=None, help="ITK transform file to start from")
