@@ -4,7 +4,7 @@ import torch
 
 from privreg.grid import Grid
 from privreg.image import Image
-from privreg.joint import BlockRows, ClearBackend, Columns, FixedSide, PyramidLevel, cross_product, onehot_product
+from privreg.joint import BlockRows, ClearBackend, Columns, FixedSide, Need, PyramidLevel, cross_product, onehot_product
 from privreg.basis import DenseBasis, KroneckerBasis
 from privreg.metrics.functional import (lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_fixed, parzen_moving,
                                         ssd_loss)
@@ -89,6 +89,10 @@ def test_block_sparse_columns_match_their_dense_form():
         got = onehot_product(u, bins, 5, basis)
         assert torch.allclose(got.cross, torch.einsum("ij,ia,ib->jab", phi, dense, onehot))
         assert torch.allclose(got.total, dense.T @ onehot)
+    u2 = Columns((u.parts[1], BlockRows(idx, u.parts[1].val[:, :, :1], nb)))  # MI's [A-like, C-like] order
+    got = onehot_product(u2, bins, 5, basis, Need(cross_cols=slice(0, nb * w)))  # the cross of part 2 is skipped
+    ref = torch.einsum("ij,ia,ib->jab", phi, u2.dense(), onehot)
+    assert torch.allclose(got.cross[:, :nb * w], ref[:, :nb * w]) and bool(got.cross[:, nb * w:].isnan().all())
 
 
 @pytest.mark.parametrize("metric", ["ssd", "mi"])

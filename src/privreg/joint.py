@@ -205,18 +205,29 @@ def cross_product(u: "Tensor | Columns", v: Tensor, basis: Basis, chunk: int = 1
     return CrossResult(basis.adjoint(uv).reshape(-1, a, b), total)
 
 
-def onehot_product(u: "Tensor | Columns", bins: Tensor, nbins: int, basis: Basis) -> CrossResult:
-    """The seam's products when V is one-hot, V[i] = e_{bins[i]} (N,): sums per fixed bin."""
+def onehot_product(u: "Tensor | Columns", bins: Tensor, nbins: int, basis: Basis, need: Need = ALL) -> CrossResult:
+    """The seam's products when V is one-hot, V[i] = e_{bins[i]} (N,): sums per fixed bin.
+
+    A :class:`BlockRows` part none of whose columns ``need.cross_cols`` names gets NaN cross entries
+    (MI reads the cross product of the derivative part only)."""
     if isinstance(u, Columns):
-        res = [_block_onehot(p, basis, bins, nbins) if isinstance(p, BlockRows) else onehot_product(p, bins, nbins, basis)
-               for p in u.parts]
+        wanted = torch.zeros(u.shape[1], dtype=torch.bool)
+        wanted[need.cross_cols] = True
+        res, off = [], 0
+        for p in u.parts:
+            if isinstance(p, BlockRows):
+                res.append(_block_onehot(p, basis, bins, nbins, bool(wanted[off:off + p.shape[1]].any())))
+            else:
+                res.append(onehot_product(p, bins, nbins, basis))
+            off += p.shape[1]
         return CrossResult(torch.cat([r.cross for r in res], 1), torch.cat([r.total for r in res], 0))
     u = u.to(torch.float64)
     total = torch.zeros(nbins, u.shape[1], dtype=torch.float64).index_add_(0, bins, u).T
     return CrossResult(_onehot_cross(basis, u, bins, nbins), total)
 
 
-def _block_onehot(part: BlockRows, basis: Basis, bins: Tensor, nbins: int, budget: int = 1 << 24) -> CrossResult:
+def _block_onehot(part: BlockRows, basis: Basis, bins: Tensor, nbins: int, with_cross: bool = True,
+                  budget: int = 1 << 24) -> CrossResult:
     """The seam's products for a :class:`BlockRows` part of U and a one-hot V (fixed bins ``bins``):
     each of a row's K live entries is added into its (block, fixed bin) cell, so the work is
     N x K x width (x basis weights per point), not N x nblocks x width."""
@@ -226,6 +237,8 @@ def _block_onehot(part: BlockRows, basis: Basis, bins: Tensor, nbins: int, budge
     rows = part.idx * nbins + bins[:, None]  # (N, K) joint (block, fixed bin) cell
     total = torch.zeros(cells, w, dtype=torch.float64).index_add_(0, rows.reshape(-1), val.reshape(-1, w))
     total = total.reshape(part.nblocks, nbins, w).permute(0, 2, 1).reshape(-1, nbins)
+    if not with_cross:
+        return CrossResult(torch.full((basis.num_basis, part.nblocks * w, nbins), float("nan"), dtype=torch.float64), total)
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
         p = phi.shape[1]
@@ -298,7 +311,7 @@ class ClearBackend(JointBackend):
             raise RuntimeError("start_level must be called before cross")
         t0 = time.perf_counter()
         if self.v_bins is not None:
-            res = onehot_product(u, self.v_bins if index is None else self.v_bins[index], self.spec.bins, basis)
+            res = onehot_product(u, self.v_bins if index is None else self.v_bins[index], self.spec.bins, basis, need)
         else:
             res = cross_product(u, self.v if index is None else self.v[index], basis)
         self.stats.calls += 1
