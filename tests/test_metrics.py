@@ -62,6 +62,8 @@ def test_cross_product_matches_einsum():
     ref = torch.einsum("ij,ia,ib->jab", kb.dense(), u, v)
     assert torch.allclose(cross_product(u, v, kb).cross, ref)
     assert torch.allclose(kb.to_sparse().dense(), kb.dense())
+    pick = torch.randperm(500, generator=gen)[:37]
+    assert torch.allclose(kb.rows(pick).dense(), kb.dense()[pick])  # rows computed for the points only
     # one-hot V with spline bases (MI with a B-spline): scatter per bin, no (N, a * bins) product
     for basis in (kb, kb.to_sparse()):
         fast = cross_product(u, onehot, basis, v_bins=onehot.argmax(1))

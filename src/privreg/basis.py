@@ -141,29 +141,32 @@ class KroneckerBasis(Basis):
         return self._contract(values, [f**2 for f in self.factors], transpose=True)
 
     def rows(self, index: Tensor) -> SparseBasis:
-        return self.to_sparse().rows(index)
+        """The sparse rows of the points ``index`` (flat C-order indices), computed for those only."""
+        ns = [f.shape[0] for f in self.factors]
+        pidx, rest = [], index.long()
+        for n in ns:  # x varies fastest
+            pidx.append(rest % n)
+            rest = rest // n
+        return self._sparse_at(pidx)
 
     def to_sparse(self) -> SparseBasis:
-        d = len(self.factors)
-        per_axis = []
-        for f in self.factors:
-            k = int((f != 0).sum(1).max().item()) if f.numel() else 1
-            w, i = torch.topk(f.abs(), k=max(k, 1), dim=1)
-            per_axis.append((i, torch.gather(f, 1, i)))
-        ms = [f.shape[1] for f in self.factors]
         ns = [f.shape[0] for f in self.factors]
-        # point index p in C order -> per-axis indices
         mesh = torch.meshgrid(*[torch.arange(n) for n in ns[::-1]], indexing="ij")
-        pidx = [m.reshape(-1) for m in reversed(mesh)]  # x, y, z index per point
-        idx = torch.zeros(self.num_points, 1, dtype=torch.long)
-        wt = torch.ones(self.num_points, 1, dtype=self.factors[0].dtype)
+        return self._sparse_at([m.reshape(-1) for m in reversed(mesh)])  # x, y, z index per point
+
+    def _sparse_at(self, pidx: list[Tensor]) -> SparseBasis:
+        """Sparse rows at the points whose per-axis indices are ``pidx`` (x, y[, z])."""
+        n = pidx[0].shape[0]
+        idx = torch.zeros(n, 1, dtype=torch.long)
+        wt = torch.ones(n, 1, dtype=self.factors[0].dtype)
         stride = 1
-        for a in range(d):
-            ia, wa = per_axis[a]
-            ia, wa = ia[pidx[a]], wa[pidx[a]]  # (N, k_a)
-            idx = (idx[:, :, None] + stride * ia[:, None, :]).reshape(self.num_points, -1)
-            wt = (wt[:, :, None] * wa[:, None, :]).reshape(self.num_points, -1)
-            stride *= ms[a]
+        for a, f in enumerate(self.factors):
+            k = int((f != 0).sum(1).max().item()) if f.numel() else 1
+            _, i = torch.topk(f.abs(), k=max(k, 1), dim=1)
+            ia, wa = i[pidx[a]], torch.gather(f, 1, i)[pidx[a]]  # (N, k_a)
+            idx = (idx[:, :, None] + stride * ia[:, None, :]).reshape(n, -1)
+            wt = (wt[:, :, None] * wa[:, None, :]).reshape(n, -1)
+            stride *= f.shape[1]
         return SparseBasis(idx, wt, self.num_basis)
 
 

@@ -70,6 +70,7 @@ class ParamModel:
         for t in outer:
             lin = lin @ t.matrix_translation()[0].detach()
         self.outer_linear = lin  # dW/dy of the outer part
+        self._basis_cache: tuple | None = None
         if isinstance(self.inner, LinearTransform):
             self.kind = "linear"
         elif isinstance(self.inner, GridSplineTransform):
@@ -84,8 +85,13 @@ class ParamModel:
     def basis(self, grid: Grid, points: Tensor, index: Tensor | None) -> Basis:
         if self.kind == "linear":
             return DenseBasis(self.inner.basis(points))
+        cached = self._basis_cache  # a spline's basis depends on the level's points only
+        if cached is not None and cached[0] is grid and _same_points(cached[1], index):
+            return cached[2]
         full = self.inner.basis_grid(grid)
-        return full if index is None else full.rows(index)
+        basis = full if index is None else full.rows(index)
+        self._basis_cache = (grid, index, basis)
+        return basis
 
     def chain(self) -> Tensor | None:
         """d vec(D) / d theta, or None for identity (splines)."""
