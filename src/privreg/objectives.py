@@ -138,10 +138,12 @@ class JointObjective:
         self.points = grid.points(F64)
         self.spec = FeatureSpec(metric, bins)
         self._lam: float | None = None  # regulariser weight, fixed at a level's first evaluation
+        self._kmat: Tensor | None = None  # dense regulariser matrix K, built at first use
 
     def start(self, level: int) -> None:
         self.backend.start_level(level, self.spec)
         self._lam = None
+        self._kmat = None
 
     def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pts = self.points if index is None else self.points[index]
@@ -269,9 +271,11 @@ class JointObjective:
         ev.value += 0.5 * lam * float((coef * kc).sum())
         ev.grad = ev.grad + lam * kc.reshape(-1)
         if ev.hess is not None:
-            eye = torch.eye(coef.numel(), dtype=F64)
-            kmat = torch.stack([control_grid_operator(e.reshape(-1, d), shape, self.reg_kind).reshape(-1) for e in eye])
-            ev.hess = ev.hess + lam * kmat
+            if self._kmat is None:  # K as a dense matrix, once per level (it does not depend on c)
+                eye = torch.eye(coef.numel(), dtype=F64)
+                self._kmat = torch.stack([control_grid_operator(e.reshape(-1, d), shape, self.reg_kind).reshape(-1)
+                                          for e in eye])
+            ev.hess = ev.hess + lam * self._kmat
         else:
             base = ev.hess_matvec
             ev.hess_matvec = lambda v: base(v) + lam * control_grid_operator(v.reshape(-1, d), shape, self.reg_kind).reshape(-1)
