@@ -102,3 +102,36 @@ def test_sample_and_resample_translation():
     assert torch.allclose(out.data[:-1, :-1], img.data[1:, 1:], atol=1e-4)
     vals, inside = sample(img.data, g, torch.tensor([[6.0, -1.5]]))
     assert inside.all() and abs(float(vals[0]) - (3 * 0.5 + 2 * 0.5)) < 1e-4
+
+
+def test_smooth_equals_scipy_gaussian_on_anisotropic_grids():
+    """Separable smoothing keeps the shape and matches scipy's 1D correlations with the same
+    Gaussian kernels (replicate borders) on anisotropic grids, in 2D, 3D and channel-batched form
+    (an earlier version padded the wrong axis: wrong borders, and a different shape whenever the
+    kernel radii differed per axis)."""
+    from scipy.ndimage import correlate1d
+
+    from privreg.image import gaussian_kernel1d, smooth
+
+    gen = torch.Generator().manual_seed(0)
+    for grid in (Grid((23, 17, 11), (1.0, 2.0, 3.5)), Grid((19, 13), (0.7, 1.9))):
+        x = torch.randn(grid.shape, generator=gen, dtype=torch.float64)
+        ref = x.numpy()
+        for axis, sp in enumerate(grid.spacing):  # (x, y, z) axis -> tensor dim d - 1 - axis
+            k = gaussian_kernel1d(4.0 / sp, torch.float64).numpy()
+            ref = correlate1d(ref, k, axis=grid.ndim - 1 - axis, mode="nearest")
+        ours = smooth(x, grid, 4.0)
+        assert ours.shape == x.shape
+        assert np.abs(ours.numpy() - ref).max() < 1e-10
+        batch = smooth(torch.stack([x, 2 * x]), grid, 4.0)
+        assert torch.allclose(batch[1], 2 * ours) and torch.allclose(batch[0], ours)
+
+
+def test_box_mean_matches_average_pooling():
+    import torch.nn.functional as F
+
+    from privreg.metrics.functional import _box
+
+    x = torch.randn(9, 12, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = F.avg_pool3d(F.pad(x[None, None], [2] * 6, mode="replicate"), 5, stride=1)[0, 0]
+    assert torch.allclose(_box(x, 2), ref, atol=1e-12)

@@ -140,3 +140,14 @@ def test_composite_order_is_itk():
     p = torch.tensor([[1.0, 1.0]], dtype=F64)
     assert torch.allclose(c(p), a(b(p)))
     assert torch.allclose(c(p), torch.tensor([[3.0, 6.0]], dtype=F64))
+
+
+def test_jacobian_determinant_is_in_world_axes_on_flipped_grids():
+    """det(dW/dx) of W(x) = A x on a grid with a flipped, rotated direction is det(A): an earlier
+    version differentiated along index axes only (det(I + (A - I) D) instead of det(A))."""
+    q, _ = torch.linalg.qr(torch.tensor([[1.0, 0.3, 0.1], [0.2, 1.0, -0.2], [0.1, 0.1, 1.0]], dtype=torch.float64))
+    flip = q @ torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    g = Grid((12, 10, 9), (2.0, 1.5, 2.5), (5.0, -3.0, 1.0), tuple(flip.reshape(-1).tolist()))
+    a = torch.tensor([[1.2, 0.1, 0.0], [0.05, 0.9, 0.1], [0.0, -0.1, 1.1]], dtype=torch.float64)
+    stats = jacobian_stats(AffineTransform(3, a, torch.zeros(3, dtype=torch.float64)), g)
+    assert abs(stats["min"] - float(torch.det(a))) < 1e-5 and abs(stats["max"] - float(torch.det(a))) < 1e-5

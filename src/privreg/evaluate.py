@@ -80,7 +80,7 @@ def jacobian_stats(transform: Transform, grid: Grid, mask: Tensor | None = None)
     with torch.no_grad():
         disp = transform.displacement(grid).to(torch.float64)
     u = disp.T.reshape((grid.ndim,) + grid.shape)
-    det = jacobian_determinant(u, grid.spacing)
+    det = jacobian_determinant(u, grid.spacing, grid.direction_matrix())
     if mask is not None:
         det = det[mask.reshape(det.shape).bool()]
     det = det.reshape(-1)

@@ -167,36 +167,44 @@ def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", d
 
 
 # ---------------------------------------------------------------- filtering
-def gaussian_kernel1d(sigma_vox: float) -> Tensor:
+def gaussian_kernel1d(sigma_vox: float, dtype: torch.dtype = DTYPE) -> Tensor:
+    """Normalised Gaussian of ``sigma_vox`` voxels, radius ceil(3 sigma)."""
     radius = max(1, int(np.ceil(3.0 * sigma_vox)))
-    x = torch.arange(-radius, radius + 1, dtype=DTYPE)
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
     k = torch.exp(-0.5 * (x / sigma_vox) ** 2)
     return k / k.sum()
 
 
-def smooth(data: Tensor, grid: Grid, sigma_mm: float | tuple[float, ...]) -> Tensor:
-    """Separable Gaussian smoothing of a grid.shape tensor, sigma in mm, replicate borders.
+def convolution_matrix(n: int, kernel: Tensor) -> Tensor:
+    """(n, n) matrix of a 1D convolution with an odd ``kernel`` and replicate borders: y = M @ x."""
+    r = (kernel.numel() - 1) // 2
+    m = torch.zeros(n, n, dtype=kernel.dtype)
+    rows = torch.arange(n)
+    for j in range(-r, r + 1):
+        m.index_put_((rows, (rows + j).clamp(0, n - 1)), kernel[j + r].expand(n), accumulate=True)
+    return m
 
-    Computes in float32, or in float64 for float64 input (party 2's features: two processes must
-    get the same numbers, and float32 convolutions differ by thread count)."""
+
+def smooth(data: Tensor, grid: Grid, sigma_mm: float | tuple[float, ...]) -> Tensor:
+    """Separable Gaussian smoothing (sigma in mm, replicate borders, kernel radius ceil(3 sigma)).
+
+    ``data`` has shape ``grid.shape`` or ``(C, *grid.shape)`` (each channel smoothed alike). Each
+    axis is one product with a banded (n, n) convolution matrix, which is several times faster
+    on the CPU than a 3D convolution with a 1D kernel and has exact borders. Computes in float32,
+    or in float64 for float64 input (party 2's features: two processes must get the same numbers).
+    """
     d = grid.ndim
     sig = (sigma_mm,) * d if isinstance(sigma_mm, (int, float)) else tuple(sigma_mm)
-    out = data[None, None].to(torch.float64 if data.dtype == torch.float64 else DTYPE)
-    for axis in range(d):  # axis in (x, y, z) order; tensor dim = 2 + (d - 1 - axis)
+    out = data.to(torch.float64 if data.dtype == torch.float64 else DTYPE)
+    for axis in range(d):  # axis in (x, y, z) order; tensor dim counted from the end
         s = sig[axis] / grid.spacing[axis]
-        if s <= 0.05 or grid.size[axis] < 2:
+        n = grid.size[axis]
+        if s <= 0.05 or n < 2:
             continue
-        k = gaussian_kernel1d(s)
-        r = (len(k) - 1) // 2
-        tdim = 2 + (d - 1 - axis)
-        shape = [1, 1] + [1] * d
-        shape[tdim] = len(k)
-        pad = [0, 0] * d
-        pad[2 * (d - 1 - axis)] = pad[2 * (d - 1 - axis) + 1] = r  # F.pad order: last dim first
-        xp = F.pad(out, pad, mode="replicate")
-        conv = F.conv2d if d == 2 else F.conv3d
-        out = conv(xp, k.reshape(shape).to(out.dtype))
-    return out[0, 0]
+        dim = out.dim() - 1 - axis
+        m = convolution_matrix(n, gaussian_kernel1d(s, out.dtype))
+        out = torch.movedim(torch.tensordot(out, m, dims=([dim], [1])), -1, dim)
+    return out.contiguous()
 
 
 def gradient(data: Tensor, grid: Grid) -> Tensor:

@@ -16,8 +16,12 @@ def _diff(u: Tensor, axis: int, spacing: float) -> Tensor:
     return torch.cat([d, d.narrow(dim, d.shape[dim] - 1, 1) * 0], dim=dim) if d.shape[dim] > 0 else torch.zeros_like(u)
 
 
-def jacobian_matrix(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
-    """d u_k / d x_l (central differences), shape (*grid.shape, d, d); spacing in (x, y, z) order."""
+def jacobian_matrix(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None) -> Tensor:
+    """d u_k / d x_l (central differences), shape (*grid.shape, d, d); spacing in (x, y, z) order.
+
+    ``direction`` (d x d, columns = index axes in world space) makes l a world axis; without it l
+    is the l-th index axis (the same for an identity direction). Norms of the whole matrix (the
+    diffusion and bending energies) do not depend on it; determinants and divergences do."""
     d = u.shape[0]
     rows = []
     for k in range(d):
@@ -26,31 +30,33 @@ def jacobian_matrix(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
             tdim = d - 1 - l
             cols.append(torch.gradient(u[k], dim=tdim)[0] / spacing[l] if u.shape[1 + tdim] > 1 else torch.zeros_like(u[k]))
         rows.append(torch.stack(cols, -1))
-    return torch.stack(rows, -2)
+    j = torch.stack(rows, -2)  # derivatives along index axes (in mm): J_world @ direction
+    return j if direction is None else j @ direction.to(j.dtype).T
 
 
-def jacobian_determinant(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
-    """det(I + grad u) per voxel, shape grid.shape."""
-    j = jacobian_matrix(u, spacing)
+def jacobian_determinant(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None) -> Tensor:
+    """det(I + grad u) per voxel, shape grid.shape (``direction``: the grid's, see jacobian_matrix)."""
+    j = jacobian_matrix(u, spacing, direction)
     eye = torch.eye(u.shape[0], dtype=u.dtype)
     return torch.linalg.det(j + eye)
 
 
-def diffusion_energy(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
+def diffusion_energy(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None) -> Tensor:
     """Mean of |grad u|^2."""
     j = jacobian_matrix(u, spacing)
     return (j**2).sum((-1, -2)).mean()
 
 
-def elastic_energy(u: Tensor, spacing: tuple[float, ...], mu: float = 1.0, lam: float = 1.0) -> Tensor:
+def elastic_energy(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None, mu: float = 1.0,
+                   lam: float = 1.0) -> Tensor:
     """Linear elasticity: mean of mu * |sym grad u|^2 + lam / 2 * (div u)^2."""
-    j = jacobian_matrix(u, spacing)
+    j = jacobian_matrix(u, spacing, direction)
     sym = 0.5 * (j + j.transpose(-1, -2))
     div = torch.diagonal(j, dim1=-2, dim2=-1).sum(-1)
     return (mu * (sym**2).sum((-1, -2)) + 0.5 * lam * div**2).mean()
 
 
-def bending_energy(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
+def bending_energy(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None) -> Tensor:
     """Mean of sum_{k,l,m} (d^2 u_k / dx_l dx_m)^2 (thin-plate bending)."""
     d = u.shape[0]
     j = jacobian_matrix(u, spacing)  # (*s, k, l)
@@ -62,9 +68,10 @@ def bending_energy(u: Tensor, spacing: tuple[float, ...]) -> Tensor:
     return total.mean()
 
 
-def folding_penalty(u: Tensor, spacing: tuple[float, ...], eps: float = 0.01) -> Tensor:
+def folding_penalty(u: Tensor, spacing: tuple[float, ...], direction: Tensor | None = None,
+                    eps: float = 0.01) -> Tensor:
     """Mean of relu(eps - det J)^2: penalises non-positive Jacobian determinants."""
-    return torch.relu(eps - jacobian_determinant(u, spacing)).pow(2).mean()
+    return torch.relu(eps - jacobian_determinant(u, spacing, direction)).pow(2).mean()
 
 
 REGULARIZERS = {
