@@ -17,19 +17,36 @@ def _add_register_args(p: argparse.ArgumentParser) -> None:
     _add_register_options(p)
 
 
+def _numbers(kind: type):
+    """argparse type: a comma-separated list of numbers (a clear usage error otherwise)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
 def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", default="affine",
                    choices=["translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf"])
     p.add_argument("--metric", default="ssd", choices=["ssd", "ncc", "lncc", "mi", "mind"])
-    p.add_argument("--optimizer", default="auto", choices=["auto", "gn", "lbfgs", "adam", "gd"])
-    p.add_argument("--levels", default="4,2,1", help="shrink factors, coarse to fine (default 4,2,1)")
-    p.add_argument("--sigmas", default=None, help="smoothing sigma per level in mm (default 0.5*factor*spacing)")
-    p.add_argument("--iterations", default="100", help="max iterations, one number or one per level")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "gn", "lbfgs", "adam", "gd", "greedy"],
+                   help="auto: Gauss-Newton for SSD/MI, greedy for displacement, else L-BFGS (Adam when sampled)")
+    p.add_argument("--levels", type=_numbers(float), default="4,2,1", help="shrink factors, coarse to fine (default 4,2,1)")
+    p.add_argument("--sigmas", type=_numbers(float), default=None, help="smoothing sigma per level in mm (default 0.5*factor*spacing)")
+    p.add_argument("--iterations", type=_numbers(int), default="100", help="max iterations, one number or one per level")
     p.add_argument("--tol", type=float, default=1e-3, help="stop when a step moves points less than this (mm RMS)")
     p.add_argument("--sampling", default="full", choices=["full", "urs", "gms"])
     p.add_argument("--sampling-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same points)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins for MI")
+    p.add_argument("--lncc-radius", type=int, default=4, help="LNCC window radius in voxels")
+    p.add_argument("--step", type=float, default=1.0, help="greedy: largest update per iteration in voxels")
+    p.add_argument("--greedy-sigmas", type=_numbers(float), default="1.732,0.7071",
+                   help="greedy: smoothing of each update and of the field, in voxels (default 1.732,0.7071)")
     p.add_argument("--grid-spacing", type=float, default=10.0, help="control-point / field spacing in mm")
     p.add_argument("--reg-weight", type=float, default=None,
                    help="regularisation weight; Gauss-Newton B-spline: relative to the data term (default 3e-3 for SSD, 3 for MI), else absolute (default 0)")
@@ -55,14 +72,14 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
 def _config_kwargs(a: argparse.Namespace) -> dict:
     from .sampling import Sampling
 
-    levels = tuple(float(x) for x in a.levels.split(","))
-    iters = [int(x) for x in a.iterations.split(",")]
+    levels, iters = a.levels, list(a.iterations)
     return dict(
         optimizer=a.optimizer, levels=levels,
-        sigmas=None if a.sigmas is None else tuple(float(x) for x in a.sigmas.split(",")),
+        sigmas=a.sigmas,
         max_iter=iters[0] if len(iters) == 1 else iters, tol_mm=a.tol,
         sampling=Sampling(a.sampling, a.sampling_fraction, a.seed), bins=a.bins, grid_spacing=a.grid_spacing,
-        reg_weight=a.reg_weight, reg_kind=a.reg, init=a.init,
+        reg_weight=a.reg_weight, reg_kind=a.reg, init=a.init, lncc_radius=a.lncc_radius, step_vox=a.step,
+        greedy_sigmas_vox=a.greedy_sigmas,
     )
 
 

@@ -21,6 +21,7 @@ from .joint import ClearBackend, FixedSide, JointBackend, PyramidLevel, level_im
 from .objectives import AutogradObjective, JointObjective, MovingLevel, ParamModel
 from .optim import FirstOrderOptions, GNOptions, gauss_newton
 from .optim.first_order import minimize_autograd, register_owner
+from .optim.greedy import GreedyOptions, greedy_level, resample_field
 from .sampling import Sampling
 from .transforms import (BSplineTransform, CompositeTransform, DisplacementFieldTransform, LinearTransform,
                          StationaryVelocityTransform, Transform, make_linear)
@@ -28,7 +29,7 @@ from .transforms import (BSplineTransform, CompositeTransform, DisplacementField
 LINEAR = ("translation", "rigid", "similarity", "affine")
 NONLINEAR = ("bspline", "displacement", "svf")
 METRICS = ("ssd", "ncc", "lncc", "mi", "mind")
-OPTIMIZERS = ("auto", "gn", "lbfgs", "adam", "gd")
+OPTIMIZERS = ("auto", "gn", "lbfgs", "adam", "gd", "greedy")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class RegistrationConfig:
     init: str = "geometry"  # geometry | moments | identity
     normalize: bool | None = None  # None: rescale to [0, 1] for mi/ncc/lncc/mind, keep SSD's shared scale
     lr: float = 0.5
+    lncc_radius: int = 4  # voxels: LNCC window (2r + 1)^d
+    step_vox: float = 1.0  # greedy: largest update per iteration (voxels of the level)
+    greedy_sigmas_vox: tuple[float, float] = (1.732, 0.7071)  # greedy: smoothing of each update, of the field
 
     def validate(self) -> None:
         if self.transform not in LINEAR + NONLINEAR:
@@ -72,6 +76,15 @@ class RegistrationConfig:
             raise InputError("--reg-weight must be >= 0")
         if self.metric in ("lncc", "mind") and self.sampling.mode != "full":
             raise InputError(f"{self.metric} needs full sampling")
+        if self.lncc_radius < 1:
+            raise InputError("--lncc-radius must be >= 1")
+        if self.greedy():
+            if len(self.greedy_sigmas_vox) != 2 or min(self.greedy_sigmas_vox) < 0 or self.step_vox <= 0:
+                raise InputError("greedy needs two smoothing sigmas >= 0 (update, field) and a step > 0")
+            if self.transform != "displacement":
+                raise InputError("--optimizer greedy optimises a dense displacement field: use --transform displacement")
+            if self.sampling.mode != "full":
+                raise InputError("--optimizer greedy needs full sampling (it moves every voxel)")
 
     def pyramid(self, grid: Grid) -> list[PyramidLevel]:
         sig = self.sigmas
@@ -89,8 +102,12 @@ class RegistrationConfig:
     def uses_seam(self) -> bool:
         opt = self.optimizer
         if opt == "auto":
-            return self.metric in ("ssd", "mi") and self.transform != "svf"
+            return self.metric in ("ssd", "mi") and self.transform not in ("svf", "displacement")
         return opt == "gn"
+
+    def greedy(self) -> bool:
+        """Greedy diffeomorphic updates of a dense field: the default for ``displacement``."""
+        return self.optimizer == "greedy" or (self.optimizer == "auto" and self.transform == "displacement")
 
 
 @dataclass
@@ -220,7 +237,11 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             if fixed_candidates is not None:
                 fm = torch.zeros(grid.numel, dtype=torch.bool)
                 fm[cand] = True
-            obj = AutogradObjective(cfg.metric, transform, mlev, fl, fm, cfg.bins, cfg.reg_weight, cfg.reg_kind)
+        if not seam and cfg.greedy():
+            transform, out = _greedy_level(transform, grid, mlev, fl, fm, cfg, li, log)
+        elif not seam:
+            obj = AutogradObjective(cfg.metric, transform, mlev, fl, fm, cfg.bins, cfg.reg_weight, cfg.reg_kind,
+                                    cfg.lncc_radius)
             theta = transform.theta
             method = cfg.optimizer if cfg.optimizer != "auto" else ("lbfgs" if not cfg.sampling.stochastic else "adam")
 
@@ -235,13 +256,42 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
         level_reports.append(out)
     warped = resample(moving, fixed_grid, transform.eval())
     report = {
-        "transform": cfg.transform, "metric": cfg.metric, "optimizer": "gn" if seam else cfg.optimizer,
+        "transform": cfg.transform, "metric": cfg.metric,
+        "optimizer": "gn" if seam else ("greedy" if cfg.greedy() else cfg.optimizer),
         "sampling": {"mode": cfg.sampling.mode, "fraction": cfg.sampling.fraction, "seed": cfg.sampling.seed},
         "levels": level_reports, "iterations": sum(r["iterations"] for r in level_reports),
         "wall_seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - cpu0,
         "final_value": level_reports[-1]["final_value"],
     }
     return RegistrationResult(transform, warped, history, report)
+
+
+def _greedy_level(transform: Transform, grid: Grid, mlev: MovingLevel, fixed: Image, fixed_mask: Tensor | None,
+                  cfg: RegistrationConfig, level: int, log) -> tuple[Transform, dict]:
+    """One level of greedy diffeomorphic registration: the dense field moves onto this level's grid
+    (linear interpolation of the previous level's field), then :func:`greedy_level` updates it."""
+    parts = list(transform.transforms) if isinstance(transform, CompositeTransform) else [transform]
+    inner, outer = parts[-1], parts[:-1]
+    assert isinstance(inner, DisplacementFieldTransform)
+    field = DisplacementFieldTransform(grid, resample_field(inner.coefficients.detach(), inner.ctrl, grid))
+    level_tx = CompositeTransform(outer + [field]) if outer else field
+    obj = AutogradObjective(cfg.metric, level_tx, mlev, fixed, fixed_mask, cfg.bins, 0.0, cfg.reg_kind, cfg.lncc_radius)
+    state: dict = {}
+
+    def warp(u: Tensor) -> Tensor:
+        field.set_theta(u)
+        vals, fv, mask = obj.warp(None)
+        state.update(fv=fv, mask=mask)
+        return vals.reshape(grid.shape)
+
+    def value_of(w: Tensor) -> Tensor:
+        return obj.metric_value(w.reshape(-1), state["fv"], state["mask"])
+
+    opts = GreedyOptions(max_iter=cfg.iterations(level), step_vox=cfg.step_vox, sigma_update_vox=cfg.greedy_sigmas_vox[0],
+                         sigma_field_vox=cfg.greedy_sigmas_vox[1])
+    u, out = greedy_level(warp, value_of, field.coefficients.detach(), grid, opts, log)
+    field.set_theta(u.to(torch.float64))
+    return level_tx, out
 
 
 def _level_mask(mask: Image | None, grid: Grid) -> Image | None:

@@ -53,6 +53,8 @@ class GridSplineTransform(Transform):
         return (points.to(F64) + disp).to(points.dtype)
 
     def transform_grid(self, grid: Grid) -> Tensor:
+        if self.order == 1 and grid.same_as(self.ctrl):  # a dense field on its own grid: no interpolation
+            return (grid.points(F64) + self.coefficients.to(F64)).to(torch.float32)
         disp = self.basis_grid(grid).apply(self.coefficients)
         return (grid.points(F64) + disp).to(torch.float32)
 
