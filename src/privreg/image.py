@@ -143,15 +143,27 @@ def sample(data: Tensor, grid: Grid, points: Tensor, mode: str = "bilinear",
         values of shape (N, C) (or (N,) for scalar data) and a bool mask (N,) of points inside
         the grid's voxel-centre bounding box.
     """
+    norm = world_to_normalized(grid, points.to(data.dtype))
+    inside = ((norm >= -1 - 1e-6) & (norm <= 1 + 1e-6)).all(dim=1)
+    return _grid_sample(data, grid, norm, mode, padding_mode), inside
+
+
+def sample_index(data: Tensor, grid: Grid, index: Tensor, mode: str = "bilinear",
+                 padding_mode: str = "zeros") -> Tensor:
+    """:func:`sample` at continuous (x, y[, z]) indices (N, d) of ``grid`` instead of world points."""
+    size = torch.tensor(grid.size, dtype=data.dtype)
+    norm = 2.0 * index.to(data.dtype) / torch.clamp(size - 1, min=1) - 1.0
+    return _grid_sample(data, grid, norm, mode, padding_mode)
+
+
+def _grid_sample(data: Tensor, grid: Grid, norm: Tensor, mode: str, padding_mode: str) -> Tensor:
     scalar = data.dim() == grid.ndim
     x = data[None] if scalar else data
     d = grid.ndim
-    norm = world_to_normalized(grid, points.to(x.dtype))
-    inside = ((norm >= -1 - 1e-6) & (norm <= 1 + 1e-6)).all(dim=1)
     g = norm.reshape((1,) + (1,) * (d - 1) + (-1, d))
     out = F.grid_sample(x[None], g, mode=mode, padding_mode=padding_mode, align_corners=True)
     out = out.reshape(x.shape[0], -1).T
-    return (out[:, 0] if scalar else out), inside
+    return out[:, 0] if scalar else out
 
 
 def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", default: float = 0.0) -> Image:
