@@ -183,12 +183,17 @@ class KroneckerRows(SparseBasis):
         super().__init__(index, weight, kron.num_basis)
         self.kron, self.points = kron, points
         self._via_grid = points.shape[0] * index.shape[1] >= kron.num_points
+        self._unique = self._via_grid and torch.unique(points).numel() == points.numel()
 
     def apply(self, coef: Tensor) -> Tensor:
         return self.kron.apply(coef)[self.points] if self._via_grid else super().apply(coef)
 
     def _on_grid(self, values: Tensor) -> Tensor:
-        return torch.zeros(self.kron.num_points, values.shape[1], dtype=values.dtype).index_add_(0, self.points, values)
+        out = torch.zeros(self.kron.num_points, values.shape[1], dtype=values.dtype)
+        if self._unique:  # a plain scatter is several times faster than index_add_
+            out[self.points] = values
+            return out
+        return out.index_add_(0, self.points, values)
 
     def adjoint(self, values: Tensor) -> Tensor:
         return self.kron.adjoint(self._on_grid(values)) if self._via_grid else super().adjoint(values)

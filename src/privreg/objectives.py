@@ -102,6 +102,17 @@ class ParamModel:
         self._basis_cache = (grid, index, basis)
         return basis
 
+    def map_points(self, grid: Grid, points: Tensor, index: Tensor | None) -> Tensor:
+        """W(x) at the level's points (float64). Splines reuse the level's cached basis (building a
+        sparse basis for a 3D sample at every evaluation dominated sampled B-spline runs)."""
+        if self.kind != "spline":
+            return self.transform(points)
+        y = points + self.basis(grid, points, index).apply(self.inner.coefficients.detach().to(F64))
+        outer = list(self.transform.transforms)[:-1] if isinstance(self.transform, CompositeTransform) else []
+        for t in reversed(outer):
+            y = t(y)
+        return y
+
     def chain(self) -> Tensor | None:
         """d vec(D) / d theta, or None for identity (splines)."""
         if self.kind == "spline":
@@ -157,10 +168,7 @@ class JointObjective:
     def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pts = self.points if index is None else self.points[index]
         with torch.no_grad():
-            if index is None and self.model.kind == "spline":
-                wpts = self.model.transform.transform_grid(self.grid).to(F64)  # the spline's cached grid basis
-            else:  # linear: the level's cached float64 points
-                wpts = self.model.transform(pts)
+            wpts = self.model.map_points(self.grid, pts, index)
         i_w, g, inside = self.moving.values(wpts)
         return pts, i_w, g @ self.model.outer_linear, inside  # g' = L^T g (row form g L)
 
