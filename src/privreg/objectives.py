@@ -33,16 +33,17 @@ class MovingLevel:
     """Party 1's data at a level: moving image (smoothed) with its world gradient, and its mask."""
 
     image: Image
-    channels: Tensor  # (1 + d, *shape): I, dI/dx, dI/dy[, dI/dz]
+    channels: Tensor | None  # (1 + d, *shape): I, dI/dx, dI/dy[, dI/dz]; None for autograd objectives
     mask: Image | None = None
     vmin: float = 0.0
     vmax: float = 1.0
 
     @staticmethod
-    def build(image: Image, mask: Image | None = None) -> "MovingLevel":
-        data = image.data.to(F64)  # float64: the SSD cost cancels (sum I^2 - 2 I J + J^2)
-        g = gradient(data, image.grid)
-        ch = torch.cat([data[None], g], 0)
+    def build(image: Image, mask: Image | None = None, with_gradient: bool = True) -> "MovingLevel":
+        ch = None
+        if with_gradient:  # the seam objectives' analytic derivatives
+            data = image.data.to(F64)  # float64: the SSD cost cancels (sum I^2 - 2 I J + J^2)
+            ch = torch.cat([data[None], gradient(data, image.grid)], 0)
         vals = image.data[mask.data > 0] if mask is not None else image.data
         return MovingLevel(image, ch, mask, float(vals.min()), float(vals.max()))
 

@@ -211,7 +211,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
     for li, lev in enumerate(levels):
         grid = fixed_grid.downsample(lev.factor)
         mgrid = moving.grid.downsample(lev.factor)
-        mlev = MovingLevel.build(level_image(mov, mgrid, lev), _level_mask(moving_mask, mgrid))
+        mlev = MovingLevel.build(level_image(mov, mgrid, lev), _level_mask(moving_mask, mgrid), with_gradient=seam)
         cand = fixed_candidates(li, grid) if fixed_candidates else torch.arange(grid.numel)
         if cand.numel() < 16:
             raise InputError("the fixed mask is empty at this resolution")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..grid import Grid
-from ..image import gradient, sample, smooth
+from ..image import gradient, sample, sample_normalized, smooth
 
 
 @dataclass
@@ -47,11 +47,23 @@ def field_points(f: Tensor) -> Tensor:
     return f.reshape(f.shape[0], -1).T
 
 
-def compose_displacements(u: Tensor, v: Tensor, grid: Grid) -> Tensor:
-    """Displacement of (id + u) o (id + v): v(x) + u(x + v(x)); u, v (d, *grid.shape) in mm."""
-    pts = grid.points(u.dtype) + field_points(v)
-    shifted, _ = sample(u, grid, pts, padding_mode="border")
-    return v + field_image(shifted, grid)
+class FieldComposer:
+    """Composition of displacement fields on one grid, in grid_sample's normalised coordinates
+    (the grid's points and the world -> index map are computed once, not at every iteration)."""
+
+    def __init__(self, grid: Grid, dtype: torch.dtype = torch.float32) -> None:
+        self.grid = grid
+        d = grid.ndim
+        scale = 2.0 / torch.clamp(torch.tensor(grid.size, dtype=torch.float64) - 1, min=1)
+        self.base = (grid.indices(torch.float64) * scale - 1.0).to(dtype)  # (P, d) normalised voxel centres
+        self.to_norm = (grid.world_to_index_matrix()[:d, :d].T * scale).to(dtype)  # mm (row vectors) -> normalised
+
+    def __call__(self, u: Tensor, v: Tensor) -> Tensor:
+        """Displacement of (id + u) o (id + v): v(x) + u(x + v(x)); u, v (d, *grid.shape) in mm."""
+        norm = self.base + field_points(v) @ self.to_norm
+        shifted = sample_normalized(u, self.grid, norm, padding_mode="border")
+        return v + field_image(shifted, self.grid)
+
 
 
 def resample_field(u: Tensor, src: Grid, dst: Grid) -> Tensor:
@@ -82,6 +94,7 @@ def greedy_level(warp: Callable[[Tensor], Tensor], value_of: Callable[[Tensor], 
         the final field (P, d) and a report (iterations, final value, converged).
     """
     f = field_image(u.detach().to(torch.float32), grid)
+    compose = FieldComposer(grid)
     step_mm = options.step_vox * min(grid.spacing)
     values: list[float] = []
     converged = False
@@ -102,7 +115,7 @@ def greedy_level(warp: Callable[[Tensor], Tensor], value_of: Callable[[Tensor], 
             if vmax <= 0:
                 converged = True
                 break
-            f = compose_displacements(f, v * (-step_mm / vmax), grid)
+            f = compose(f, v * (-step_mm / vmax))
             if options.sigma_field_vox > 0:
                 f = smooth(f, grid, options.sigma_field_vox * min(grid.spacing))
     return field_points(f), {"iterations": it, "final_value": values[-1] if values else float("nan"),
