@@ -167,8 +167,8 @@ def test_greedy_refuses_what_it_cannot_do(t1_slice):
 def test_field_composition_matches_pointwise_composition():
     """FieldComposer: (id + u) o (id + v) on a rotated, anisotropic grid equals applying the two
     displacement-field transforms one after the other."""
-    from privreg.grid import Grid
-    from privreg.optim.greedy import FieldComposer, field_image, field_points
+    from privreg.grid import Grid, field_image, field_points
+    from privreg.optim.greedy import FieldComposer
     from privreg.transforms import CompositeTransform, DisplacementFieldTransform
 
     q, _ = torch.linalg.qr(torch.tensor([[1.0, 0.3, 0.1], [0.2, 1.0, -0.2], [0.1, 0.1, 1.0]], dtype=F64))

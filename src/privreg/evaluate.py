@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from .grid import Grid
+from .grid import Grid, field_image
 from .image import Image
 from .regularizers import jacobian_determinant
 from .transforms import Transform
@@ -79,7 +79,7 @@ def jacobian_stats(transform: Transform, grid: Grid, mask: Tensor | None = None)
     """Statistics of det(dW/dx) on ``grid``; folding = % of voxels with det <= 0."""
     with torch.no_grad():
         disp = transform.displacement(grid).to(torch.float64)
-    u = disp.T.reshape((grid.ndim,) + grid.shape)
+    u = field_image(disp, grid)
     det = jacobian_determinant(u, grid.spacing, grid.direction_matrix())
     if mask is not None:
         det = det[mask.reshape(det.shape).bool()]

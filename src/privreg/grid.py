@@ -137,6 +137,16 @@ class Grid:
                     tuple(direction.reshape(-1).tolist()))
 
 
+def field_image(u: Tensor, grid: Grid) -> Tensor:
+    """A point-major field (P, d) on ``grid`` (C order) -> channel-major (d, *grid.shape)."""
+    return u.T.reshape((u.shape[1],) + grid.shape)
+
+
+def field_points(f: Tensor) -> Tensor:
+    """A channel-major field (d, *shape) -> point-major (P, d) (C order)."""
+    return f.reshape(f.shape[0], -1).T
+
+
 def world_to_normalized(grid: Grid, points: Tensor) -> Tensor:
     """Map world points to grid_sample's [-1, 1] coordinates (align_corners=True)."""
     idx = grid.world_to_index(points)

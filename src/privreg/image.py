@@ -145,7 +145,7 @@ def sample(data: Tensor, grid: Grid, points: Tensor, mode: str = "bilinear",
     """
     norm = world_to_normalized(grid, points.to(data.dtype))
     inside = ((norm >= -1 - 1e-6) & (norm <= 1 + 1e-6)).all(dim=1)
-    return sample_normalized(data, grid, norm, mode, padding_mode), inside
+    return _sample_normalized(data, grid, norm, mode, padding_mode), inside
 
 
 def sample_index(data: Tensor, grid: Grid, index: Tensor, mode: str = "bilinear",
@@ -153,10 +153,10 @@ def sample_index(data: Tensor, grid: Grid, index: Tensor, mode: str = "bilinear"
     """:func:`sample` at continuous (x, y[, z]) indices (N, d) of ``grid`` instead of world points."""
     size = torch.tensor(grid.size, dtype=data.dtype)
     norm = 2.0 * index.to(data.dtype) / torch.clamp(size - 1, min=1) - 1.0
-    return sample_normalized(data, grid, norm, mode, padding_mode)
+    return _sample_normalized(data, grid, norm, mode, padding_mode)
 
 
-def sample_normalized(data: Tensor, grid: Grid, norm: Tensor, mode: str = "bilinear",
+def _sample_normalized(data: Tensor, grid: Grid, norm: Tensor, mode: str = "bilinear",
                       padding_mode: str = "zeros") -> Tensor:
     """:func:`sample` at grid_sample's normalised coordinates (N, d) in [-1, 1] (align_corners)."""
     scalar = data.dim() == grid.ndim

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .basis import Basis, DenseBasis
-from .grid import Grid
+from .grid import Grid, field_image
 from .image import Image, gradient, sample, sample_index
 from .joint import BlockRows, Columns, FeatureSpec, JointBackend, Need
 from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving_live, ssd_loss
@@ -377,11 +377,11 @@ class AutogradObjective:
 
         if isinstance(inner, StationaryVelocityTransform):
             g = inner.field_grid
-            u = inner.velocity.T.reshape((g.ndim,) + g.shape)
+            u = field_image(inner.velocity, g)
         elif isinstance(inner, GridSplineTransform):
             g = inner.ctrl if inner.order == 1 else self.fixed.grid
             disp = inner.basis_grid(g).apply(inner.coefficients) if inner.order == 3 else inner.coefficients
-            u = disp.T.reshape((g.ndim,) + g.shape).to(torch.float32)
+            u = field_image(disp, g).to(torch.float32)
         else:
             return torch.zeros(())
         return REGULARIZERS[self.reg_kind](u, g.spacing, g.direction_matrix())

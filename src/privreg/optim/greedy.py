@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..grid import Grid
-from ..image import gradient, sample, sample_normalized, smooth
+from ..grid import Grid, field_image, field_points
+from ..image import gradient, sample, sample_index, smooth
 
 
 @dataclass
@@ -37,33 +37,20 @@ class GreedyOptions:
     window: int = 10
 
 
-def field_image(u: Tensor, grid: Grid) -> Tensor:
-    """(P, d) point-major field -> (d, *grid.shape) channel-major."""
-    return u.T.reshape((grid.ndim,) + grid.shape)
-
-
-def field_points(f: Tensor) -> Tensor:
-    """(d, *shape) channel-major field -> (P, d) point-major."""
-    return f.reshape(f.shape[0], -1).T
-
-
 class FieldComposer:
-    """Composition of displacement fields on one grid, in grid_sample's normalised coordinates
-    (the grid's points and the world -> index map are computed once, not at every iteration)."""
+    """Composition of displacement fields on one grid, in index space (the grid's voxel indices
+    and the world -> index map are computed once, not at every iteration)."""
 
     def __init__(self, grid: Grid, dtype: torch.dtype = torch.float32) -> None:
         self.grid = grid
         d = grid.ndim
-        scale = 2.0 / torch.clamp(torch.tensor(grid.size, dtype=torch.float64) - 1, min=1)
-        self.base = (grid.indices(torch.float64) * scale - 1.0).to(dtype)  # (P, d) normalised voxel centres
-        self.to_norm = (grid.world_to_index_matrix()[:d, :d].T * scale).to(dtype)  # mm (row vectors) -> normalised
+        self.base = grid.indices(dtype)  # (P, d) voxel indices
+        self.to_index = grid.world_to_index_matrix()[:d, :d].T.to(dtype)  # mm (row vectors) -> index units
 
     def __call__(self, u: Tensor, v: Tensor) -> Tensor:
         """Displacement of (id + u) o (id + v): v(x) + u(x + v(x)); u, v (d, *grid.shape) in mm."""
-        norm = self.base + field_points(v) @ self.to_norm
-        shifted = sample_normalized(u, self.grid, norm, padding_mode="border")
+        shifted = sample_index(u, self.grid, self.base + field_points(v) @ self.to_index, padding_mode="border")
         return v + field_image(shifted, self.grid)
-
 
 
 def resample_field(u: Tensor, src: Grid, dst: Grid) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..basis import Basis, spline_basis_grid, spline_basis_points
-from ..grid import Grid
+from ..grid import Grid, field_image
 from ..image import sample
 from .base import Transform
 
@@ -34,6 +34,7 @@ class GridSplineTransform(Transform):
             raise ValueError(f"coefficients must have shape {(ctrl.numel, ctrl.ndim)}, got {tuple(c.shape)}")
         self.coefficients = nn.Parameter(c.clone())
         self._basis_cache: dict = {}
+        self._ctrl_points: Tensor | None = None  # order 1: the field's own grid points, made at first use
 
     @property
     def theta(self) -> Tensor:
@@ -54,7 +55,9 @@ class GridSplineTransform(Transform):
 
     def transform_grid(self, grid: Grid) -> Tensor:
         if self.order == 1 and grid.same_as(self.ctrl):  # a dense field on its own grid: no interpolation
-            return (grid.points(F64) + self.coefficients.to(F64)).to(torch.float32)
+            if self._ctrl_points is None:  # (greedy registration warps through here at every iteration)
+                self._ctrl_points = self.ctrl.points(F64)
+            return (self._ctrl_points + self.coefficients.to(F64)).to(torch.float32)
         disp = self.basis_grid(grid).apply(self.coefficients)
         return (grid.points(F64) + disp).to(torch.float32)
 
@@ -119,7 +122,7 @@ class StationaryVelocityTransform(Transform):
         u = v / (2**self.steps)
         pts = g.points()
         for _ in range(self.steps):
-            field = u.T.reshape((g.ndim,) + g.shape)
+            field = field_image(u, g)
             shifted, _ = sample(field, g, pts + u, padding_mode="border")
             u = u + shifted
         return u
