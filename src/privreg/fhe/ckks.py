@@ -21,9 +21,11 @@ Packing (PPIR-FHE-v1, sec. 3.3.2, made rotation-cheap):
   [-2^mask_bits, 2^mask_bits] (every slot, CSPRNG) before sending, so party 2 decrypts y + M:
   since |y| <= 1 after normalisation, each value's distribution is within statistical distance
   2^-mask_bits of one independent of y. The fresh encryption also re-randomises the ciphertext.
-  Party 2 adds uniform flooding noise of 2^-flood_bits to what it decrypts before replying, which
-  drowns the CKKS noise term (that would otherwise tell party 1, who built the ciphertext, about
-  party 2's secret key: Li & Micciancio 2021).
+  Party 2 adds uniform flooding noise of 2^-flood_bits to what it decrypts before replying. This
+  blurs, but does *not* statistically drown, the CKKS noise term (up to about 2^-23, see
+  :func:`expected_error`), which depends on party 2's secret key (Li & Micciancio 2021). Party 1
+  cannot isolate that term, since it does not know V (and so not y), but the protocol has no
+  proof against this leakage; a flood of 2^40 x the noise would cost all precision at these scales.
 
 FHE-v2 (workload sharing): party 1 also owns a key pair. For the second half of a call's rows it
 packs its normalised weights W_2 point-major (slot p * bb + k holds W_2[p, k]) and encrypts them under
@@ -35,8 +37,11 @@ y_2[k, b]; it adds a uniform mask R plus flooding noise before party 1 decrypts.
 Parameters (:class:`CkksParams`): N = 8192, coefficient moduli 60 + 60 bits plus a 60-bit special
 prime (180 bits <= 218, the HE standard's bound for 128-bit classical security at N = 8192; SEAL
 enforces it with ``sec_level=tc128``), features at scale 2^40, weights at 2^40: the products sit
-at scale 2^80 and |y + M| <= 2^25, below the 2^119 modulus. The result is read to about
-2^-26 of the output bound (double-precision decoding of a 2^25 mask); :func:`expected_error`.
+at scale 2^80 and |y + M| <= 2^25, below the 2^119 modulus. :func:`expected_error` bounds the
+error of a normalised output: the fresh-encryption noise of [[V]] (about 2^-23 per slot at six
+standard deviations; W's columns have |w|_1 <= 1, so the product carries at most that), the
+double-precision decoding of the 2^25 mask (2^-26) and the flooding (2^-28). Measured over six key
+pairs, the worst output was 2.7 x 2^-26: the noise term depends on the secret key drawn.
 """
 
 from __future__ import annotations
@@ -99,9 +104,19 @@ class CkksParams:
         return p
 
 
+ENCRYPTION_NOISE_SIGMA = 3.2  # SEAL's default error standard deviation
+
+
 def expected_error(params: CkksParams) -> float:
-    """Rough absolute error of a normalised output (|y| <= 1): decoding y + M in double precision."""
-    return 2.0 ** (params.mask_bits - 50) + 2.0 ** -params.flood_bits
+    """Bound on the absolute error of a normalised output (|y| <= 1, sum_i |w[i, k]| <= 1).
+
+    Three terms: the fresh-encryption noise of the features, 6 sigma sqrt(N (1 + 2N/3)) / 2^v_scale
+    per slot (the canonical-embedding bound for e0 + e1 s + u e with a ternary secret: Kim et al.
+    2021), which a product with |w|_1 <= 1 carries at most once; decoding y + M (|M| < 2^mask_bits) in
+    double precision; the flooding noise."""
+    n = params.poly_degree
+    fresh = 6 * ENCRYPTION_NOISE_SIGMA * math.sqrt(n * (1 + 2 * n / 3)) / 2.0**params.v_scale_bits
+    return fresh + 2.0 ** (params.mask_bits - 50) + 2.0 ** -params.flood_bits
 
 
 # ----------------------------------------------------------------------------- keys
@@ -335,7 +350,7 @@ class KeyOwner:
 
 
 def flooding(shape: tuple[int, ...], bits: int) -> np.ndarray:
-    """Uniform noise on [-2^-bits, 2^-bits] from the OS CSPRNG (drowns the CKKS error term)."""
+    """Uniform noise on [-2^-bits, 2^-bits] from the OS CSPRNG (blurs the CKKS error term; see the module docstring)."""
     n = math.prod(shape)
     noise = np.frombuffer(os.urandom(8 * n), dtype=np.uint64).astype(np.float64) / 2.0**64
     return (2 * noise.reshape(shape) - 1) * 2.0 ** -bits

@@ -209,7 +209,7 @@ def _second_half(peer: Evaluator, prg: Prg, known: np.ndarray, exps: np.ndarray,
         raise PeerError("invalid output count requested")
     y1 = vals.reshape(-1, bb)[:k, :b]
     r = uniform_masks(prg, f"R/{call}", (b, peer.seal.slots), peer.params.mask_bits)
-    noisy = r + flooding(r.shape, peer.params.flood_bits)  # drowns the CKKS error of party 2's products
+    noisy = r + flooding(r.shape, peer.params.flood_bits)  # blurs the CKKS error of party 2's products
     enc = peer.replicated_products(unpack_bytes(arr, 4096, "w2"), k, known[n1:] / 2.0 ** exps, noisy)
     return {"values": torch.from_numpy(y1 - r[:, :k].T), **pack_bytes(enc, "y2")}
 

@@ -17,8 +17,9 @@ What each party learns (FHE-v1, CKKS, see :mod:`privreg.fhe.ckks`; no dealer):
 
 * party 1: the fixed grid geometry; the public CKKS context (public and Galois keys, never the
   secret key); per level a power-of-two bound of each feature column; the features encrypted
-  (IND-CPA under RLWE); per call the same products as with MPC (plus the CKKS error, about
-  2^-26 of each output's bound, and party 2's flooding noise).
+  (IND-CPA under RLWE); per call the same products as with MPC (plus the CKKS error, at most about
+  2^-23 of each output's bound and dependent on party 2's secret key, which party 2's 2^-28
+  flooding noise blurs but does not statistically drown).
 * party 2: the configuration, the URS sample keys (never GMS indices: party 1 weighs the whole
   level with zeros off its sample), and per call y + M for each output y normalised to |y| <= 1
   and a fresh uniform mask M on [-2^24, 2^24]: within statistical distance 2^-24 per value of a
@@ -31,7 +32,8 @@ evaluated by party 1, rows [n1, n) by party 2, n1 = ceil(n / 2), public):
 * party 1: everything it learns under FHE-v1 (the same opened products y = y_1 + y_2, now with
   party 2's flooding noise twice); separately it decrypts y_2 + R + e and receives y_1 + M - R,
   where R is party 2's fresh uniform mask on [-2^24, 2^24] per value and e uniform flooding noise
-  of 2^-28 that drowns the CKKS error of party 2's products (which depends on V_2): neither
+  of 2^-28 over the CKKS error of party 2's products (which depends on V_2; as in v1 the flood
+  blurs that error but is smaller than its bound, so it does not drown it statistically): neither
   half alone is revealed beyond the same 2^-24 statistical bound.
 * party 2: party 1's public context; per call [[W_2]] encrypted under party 1's key (IND-CPA,
   nothing), and, as in v1, y_1 + M for party 1's half. GMS: the rows are the whole level
