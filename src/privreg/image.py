@@ -156,6 +156,50 @@ def sample_index(data: Tensor, grid: Grid, index: Tensor, mode: str = "bilinear"
     return _sample_normalized(data, grid, norm, mode, padding_mode)
 
 
+def sample_linear_with_gradient(data: Tensor, grid: Grid, index: Tensor,
+                                padded: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Linear interpolation of ``data`` (grid.shape) at continuous indices (N, d) and the exact
+    derivative of that interpolant in world space (N, d), zero outside the grid.
+
+    Value and gradient belong to one function (as ITK's ``EvaluateDerivative`` of a linear
+    interpolator), so a metric's analytic gradient is the derivative of the value it reports:
+    interpolating a central-difference gradient image instead is off by 10-130 % per direction for
+    Mattes MI on 2 mm brains, enough to stop Gauss-Newton short of the optimum. ``padded`` may
+    give :func:`zero_padded` (data) to reuse across calls.
+    """
+    d = grid.ndim
+    pad = zero_padded(data) if padded is None else padded
+    size = torch.tensor(grid.size, dtype=index.dtype)
+    idx = index.to(data.dtype)
+    live = ((idx > -1) & (idx < size)).all(1)  # outside: value 0, gradient 0
+    idx = torch.minimum(torch.maximum(idx, torch.full_like(idx, -1.0)), size.to(idx.dtype))
+    base = idx.floor()
+    frac = idx - base
+    base = base.long() + 1  # index into the padded array
+    strides = [1]
+    for n in grid.size[:-1]:
+        strides.append(strides[-1] * (n + 2))
+    lin = sum(base[:, k] * strides[k] for k in range(d))
+    offs = torch.tensor([sum(((c >> k) & 1) * strides[k] for k in range(d)) for c in range(2 ** d)])
+    flat = pad.reshape(-1)
+    v = flat[(lin[:, None] + offs).clamp(max=flat.numel() - 1)]  # (N, 2^d), corner bits (x fastest)
+    # reduce axis by axis (x, then y, then z): lerp the values, difference for the reduced axis
+    v = v.reshape((-1,) + (2,) * d)  # (N, [2z,] 2y, 2x)
+    grads: list[Tensor] = []
+    for k in range(d):
+        f = frac[:, k].reshape((-1,) + (1,) * (d - 1 - k))
+        lo, hi = v[..., 0], v[..., 1]
+        grads = [g[..., 0] + (g[..., 1] - g[..., 0]) * f for g in grads] + [hi - lo]
+        v = lo + (hi - lo) * f
+    gi = torch.stack(grads, 1) * live[:, None] / torch.tensor(grid.spacing, dtype=data.dtype)
+    return v, gi @ grid.direction_matrix(data.dtype).T
+
+
+def zero_padded(data: Tensor) -> Tensor:
+    """``data`` with one voxel of zeros around it (for :func:`sample_linear_with_gradient`)."""
+    return F.pad(data, (1, 1) * data.dim())
+
+
 def _sample_normalized(data: Tensor, grid: Grid, norm: Tensor, mode: str = "bilinear",
                       padding_mode: str = "zeros") -> Tensor:
     """:func:`sample` at grid_sample's normalised coordinates (N, d) in [-1, 1] (align_corners)."""
