@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .basis import Basis, DenseBasis
 from .grid import Grid, field_image
-from .image import Image, gradient, sample, sample_index
+from .image import Image, sample, sample_linear_with_gradient, zero_padded
 from .joint import BlockRows, Columns, FeatureSpec, JointBackend, Need
 from .metrics.functional import lncc_loss, mi_loss, mind_loss, ncc_loss, parzen_moving_live, ssd_loss
 from .regularizers import REGULARIZERS, control_grid_operator
@@ -30,39 +30,49 @@ F64 = torch.float64
 
 @dataclass
 class MovingLevel:
-    """Party 1's data at a level: moving image (smoothed) with its world gradient, and its mask."""
+    """Party 1's data at a level: moving image (smoothed), its float64 copy for the seam objectives'
+    analytic derivatives, and its mask."""
 
     image: Image
-    channels: Tensor | None  # (1 + d, *shape): I, dI/dx, dI/dy[, dI/dz]; None for autograd objectives
+    data64: Tensor | None  # grid.shape float64 (the SSD cost cancels: sum I^2 - 2 I J + J^2); None for autograd
     mask: Image | None = None
     vmin: float = 0.0
     vmax: float = 1.0
+    padded: Tensor | None = None  # data64 with a border of zeros (the interpolator's layout)
 
     @staticmethod
     def build(image: Image, mask: Image | None = None, with_gradient: bool = True) -> "MovingLevel":
-        ch = None
-        if with_gradient:  # the seam objectives' analytic derivatives
-            data = image.data.to(F64)  # float64: the SSD cost cancels (sum I^2 - 2 I J + J^2)
-            ch = torch.cat([data[None], gradient(data, image.grid)], 0)
+        data = image.data.to(F64) if with_gradient else None
         vals = image.data[mask.data > 0] if mask is not None else image.data
-        return MovingLevel(image, ch, mask, float(vals.min()), float(vals.max()))
+        return MovingLevel(image, data, mask, float(vals.min()), float(vals.max()),
+                           zero_padded(data) if data is not None else None)
 
-    def values(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Intensity (N,), world gradient (N, d) and a weight in [0, 1] (N,) at moving-space points.
+    def values(self, points: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """At moving-space points (N, d): the linearly interpolated intensity (N,), its exact world
+        gradient (N, d), a weight in [0, 1] (N,) and the weight's world gradient (N, d).
 
         The weight falls from 1 to 0 over the outermost voxel of the moving image's domain, so a
         point leaving the domain fades out instead of dropping out: the metric stays continuous in
         the parameters (a hard in/out mask made every Levenberg-Marquardt trial step look worse near
-        the optimum when the overlap cut through the image, as for ITK's 13 x 17 px pair)."""
+        the optimum when the overlap cut through the image, as for ITK's 13 x 17 px pair). The mask,
+        sampled nearest-neighbour, multiplies the weight (piecewise constant: no gradient)."""
         g = self.image.grid
         idx = g.world_to_index(points.to(F64))
-        out = sample_index(self.channels, g, idx)
+        value, grad = sample_linear_with_gradient(self.data64, g, idx, self.padded)
         top = torch.tensor(g.size, dtype=F64) - 1
-        weight = torch.minimum(idx, top - idx).min(dim=1).values.clamp(0.0, 1.0)
+        dist = torch.minimum(idx, top - idx)  # (N, d) index distance to the nearest domain face per axis
+        near, axis = dist.min(dim=1)
+        weight = near.clamp(0.0, 1.0)
+        fading = (near > 0) & (near < 1)
+        dw_index = torch.zeros_like(idx)  # d weight / d index: +-1 along the nearest face's axis
+        side = torch.where(idx.gather(1, axis[:, None])[:, 0] <= top[axis] / 2, 1.0, -1.0).to(F64)
+        dw_index.scatter_(1, axis[:, None], (side * fading)[:, None])
+        dw = (dw_index / torch.tensor(g.spacing, dtype=F64)) @ g.direction_matrix(F64).T
         if self.mask is not None:
             mv, _ = sample(self.mask.data.to(torch.float32), self.mask.grid, points.to(torch.float32), mode="nearest")
-            weight = weight * (mv > 0)
-        return out[:, 0].to(F64), out[:, 1:].to(F64), weight
+            keep = (mv > 0).to(F64)
+            weight, dw = weight * keep, dw * keep[:, None]
+        return value, grad, weight, dw
 
 
 class ParamModel:
@@ -166,16 +176,19 @@ class JointObjective:
         self._lam = None
         self._kmat = None
 
-    def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Points, I(W(x)), its gradient, the overlap weight m and m's gradient, the gradients taken
+        with respect to the inner transform's output y (g' = L^T g, row form g L)."""
         pts = self.points if index is None else self.points[index]
         with torch.no_grad():
             wpts = self.model.map_points(self.grid, pts, index)
-        i_w, g, inside = self.moving.values(wpts)
-        return pts, i_w, g @ self.model.outer_linear, inside  # g' = L^T g (row form g L)
+        i_w, g, inside, dm = self.moving.values(wpts)
+        lin = self.model.outer_linear
+        return pts, i_w, g @ lin, inside, dm @ lin
 
     def gradient_magnitude(self) -> Tensor:
         """|grad I(W(x))| on the full level grid, party 1's GMS weights."""
-        _, _, g, inside = self.warped(None)
+        _, _, g, inside, _ = self.warped(None)
         return torch.linalg.norm(g, dim=1) * inside
 
     def evaluate(self, index: Tensor | None, reference: Evaluation | None = None) -> Evaluation:
@@ -187,7 +200,7 @@ class JointObjective:
         a backend's relative error (fixed point, CKKS) would otherwise swamp the small differences
         that Levenberg-Marquardt compares. Same number of columns, so the same traffic.
         """
-        pts, i_w, g, inside = self.warped(index)
+        pts, i_w, g, inside, dm = self.warped(index)
         m = inside.to(F64)
         nvalid = float(m.sum())
         if nvalid < 16:
@@ -202,7 +215,7 @@ class JointObjective:
                 ref = None
             ev = self._ssd(i_w, g, m, float(m.numel()), basis, d, index, ref)  # fixed n: no jump when a point leaves
         else:
-            ev = self._mi(i_w, g, m, nvalid, basis, d, index)
+            ev = self._mi(i_w, g, m, dm, nvalid, basis, d, index)
         ev.num_points, ev.basis, ev.g_outer = int(nvalid), basis, g * m[:, None]
         self._add_regularizer(ev)
         return self._chain(ev)
@@ -242,21 +255,27 @@ class JointObjective:
         return Evaluation(value, grad, None, matvec, diag, ssd_state=state)
 
     # ------------------------------------------------------------------- MI
-    def _mi(self, i_w, g, m, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
+    def _mi(self, i_w, g, m, dm, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
+        """Mattes MI, p = (m A)^T B / n with n = sum m (PPIR eq. 8), and its exact derivative: the
+        seam's C holds d(m A)/dW = m dA/dI grad I + A grad m (eq. 9 plus the overlap weight's
+        change), and dn/dtheta = sum Phi grad m is party 1's own."""
         nb = self.bins
         idx, wa, dwa, _ = parzen_moving_live(i_w, self.moving.vmin, self.moving.vmax, nb)  # A's 4 live bins
         a = BlockRows(idx, (wa * m[:, None])[:, :, None], nb)  # m A  (N, nb)
-        c = BlockRows(idx, (dwa * m[:, None])[:, :, None] * g[:, None, :], nb)  # m dA(x, r)/dW_k  (N, nb * d)
+        dma = (dwa * m[:, None])[:, :, None] * g[:, None, :] + wa[:, :, None] * dm[:, None, :]
+        c = BlockRows(idx, dma, nb)  # d(m A(x, r))/dW_k  (N, nb * d)
         u = Columns((a, c))
         res = self.backend.cross(u, basis, index, Need(slice(nb, None), slice(0, nb)))
         p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pnum = basis.num_basis
+        dn = basis.adjoint(dm).reshape(pnum, d)  # d n / dD
         dp = res.cross[:, nb:, :].reshape(pnum, nb, d, -1).permute(0, 2, 1, 3) / n  # eq. (9) (P, d, nb, nbt)
-        dp = dp.reshape(pnum * d, -1)
+        dp = (dp - dn[:, :, None, None] * p[None, None] / n).reshape(pnum * d, -1)
         pr = p.sum(1, keepdim=True)
         pt = p.sum(0, keepdim=True)
         nz = p > 1e-12
-        logterm = torch.where(nz, torch.log(p.clamp(min=1e-12) / pr.clamp(min=1e-12)), torch.zeros_like(p))
+        # dMI = sum dp log(p / (pr pt)): the fixed marginal pt moves too when points fade in or out
+        logterm = torch.where(nz, torch.log(p.clamp(min=1e-12) / (pr * pt).clamp(min=1e-24)), torch.zeros_like(p))
         mi = float((p * torch.log((p / (pr * pt).clamp(min=1e-20)).clamp(min=1e-20)) * nz).sum())
         grad = -(dp @ logterm.reshape(-1))
         w = torch.where(nz, 1.0 / p.clamp(min=1e-12) - 1.0 / pr.clamp(min=1e-12), torch.zeros_like(p)).reshape(-1)
