@@ -235,15 +235,31 @@ def _block_onehot(part: BlockRows, basis: Basis, bins: Tensor, nbins: int, with_
     n, k, w = val.shape
     cells = part.nblocks * nbins
     rows = part.idx * nbins + bins[:, None]  # (N, K) joint (block, fixed bin) cell
-    total = torch.zeros(cells, w, dtype=torch.float64).index_add_(0, rows.reshape(-1), val.reshape(-1, w))
-    total = total.reshape(part.nblocks, nbins, w).permute(0, 2, 1).reshape(-1, nbins)
+    # Parzen rows hold K consecutive blocks r0 .. r0 + K - 1: add each row's K entries at once into
+    # cell (r0, t) and fold the K offsets afterwards (index_add_ of N wide rows, not N K narrow ones)
+    run = k > 1 and bool((part.idx[:, 1:] - part.idx[:, :-1] == 1).all())
+    r0cells = (part.nblocks - k + 1) * nbins
+
+    def add_rows(vals: Tensor) -> Tensor:
+        """vals (N, K, c) -> (nblocks, nbins, c): each entry summed into its (block, fixed bin)."""
+        c = vals.shape[2]
+        if not run:
+            out = torch.zeros(cells, c, dtype=torch.float64).index_add_(0, rows.reshape(-1), vals.reshape(-1, c))
+            return out.reshape(part.nblocks, nbins, c)
+        wide = torch.zeros(r0cells, k * c, dtype=torch.float64).index_add_(0, rows[:, 0], vals.reshape(n, k * c))
+        wide = wide.reshape(part.nblocks - k + 1, nbins, k, c)
+        out = torch.zeros(part.nblocks, nbins, c, dtype=torch.float64)
+        for off in range(k):
+            out[off:off + part.nblocks - k + 1] += wide[:, :, off]
+        return out
+
+    total = add_rows(val).permute(0, 2, 1).reshape(-1, nbins)
     if not with_cross:
         return CrossResult(torch.full((basis.num_basis, part.nblocks * w, nbins), float("nan"), dtype=torch.float64), total)
     if isinstance(basis, DenseBasis):
         phi = basis.matrix.to(torch.float64)
         p = phi.shape[1]
-        f = (val[:, :, None, :] * phi[:, None, :, None]).reshape(n * k, p * w)
-        cross = torch.zeros(cells, p * w, dtype=torch.float64).index_add_(0, rows.reshape(-1), f)
+        cross = add_rows((val[:, :, None, :] * phi[:, None, :, None]).reshape(n, k, p * w))
         cross = cross.reshape(part.nblocks, nbins, p, w).permute(2, 0, 3, 1)
     elif isinstance(basis, SparseBasis):  # cell (basis function j, block, fixed bin)
         kp = basis.index.shape[1]
