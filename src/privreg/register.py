@@ -230,7 +230,8 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel)
             tol = cfg.tol_mm * (lev.factor if cfg.sampling.mode == "full" else 1.0)
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
-                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing)), log)
+                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
+                                         secant=cfg.metric == "mi"), log)
         else:
             fl = Image(level_image(fixed, grid, lev).data, grid)
             fm = None
