@@ -69,3 +69,24 @@ def secure_run():
     return _secure
 
 
+
+
+def assert_private_matches_clear(private, clear, grid, metric: str) -> None:
+    """A private run reaches the clear run's result. SSD (Levenberg-Marquardt) also takes the same
+    decisions on the backends' noise (MPC fixed point, CKKS ~1e-7), so the same iteration count; MI's
+    quasi-Newton line search amplifies that noise along a narrow valley: the same optimum by another
+    path (CKKS, 11 runs: 2e-5 to 0.0066 mm apart, 30 to 41 iterations against the clear run's 37)."""
+    from privreg.evaluate import displacement_rmse
+
+    rmse = displacement_rmse(private.transform, clear.transform, grid)
+    n_private, n_clear = private.report["iterations"], clear.report["iterations"]
+    if metric == "ssd":
+        assert rmse < 0.01 and n_private == n_clear, (rmse, n_private, n_clear)
+    else:
+        assert rmse < 0.02 and abs(n_private - n_clear) <= 0.35 * n_clear, (rmse, n_private, n_clear)
+        assert abs(private.report["final_value"] - clear.report["final_value"]) < 1e-5
+
+
+@pytest.fixture
+def private_matches_clear():
+    return assert_private_matches_clear

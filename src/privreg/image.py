@@ -5,6 +5,7 @@ An :class:`Image` is a float tensor of shape ``grid.shape`` (z, y, x) on a :clas
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,8 @@ def _sample_normalized(data: Tensor, grid: Grid, norm: Tensor, mode: str = "bili
 
 def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", default: float = 0.0) -> Image:
     """Resample ``image`` onto ``grid``: value at x is image(transform(x)) (ITK convention)."""
+    if (transform is None or hasattr(transform, "homogeneous")) and min(grid.size) > 1:
+        return _resample_linear(image, grid, transform, mode, default)
     with torch.no_grad():
         pts = grid.points()
         if transform is not None:
@@ -222,6 +225,32 @@ def resample(image: Image, grid: Grid, transform=None, mode: str = "bilinear", d
     vals, inside = sample(image.data, image.grid, pts, mode=mode, padding_mode="border")
     vals = torch.where(inside, vals, torch.as_tensor(default, dtype=vals.dtype))
     return Image(vals.reshape(grid.shape), grid)
+
+
+def _resample_linear(image: Image, grid: Grid, transform, mode: str, default: float) -> Image:
+    """:func:`resample` under a linear transform (or none): one homogeneous matrix from the output
+    grid's normalised coordinates to the image's, so ``affine_grid`` makes the sampling grid without
+    world points (a 2 mm brain: 88 -> ~15 ms)."""
+    d = grid.ndim
+
+    def to_normalized(g: Grid) -> Tensor:  # index -> grid_sample's [-1, 1] (align_corners)
+        m = torch.eye(d + 1, dtype=torch.float64)
+        m[:d, :d] = torch.diag(2.0 / torch.clamp(torch.tensor(g.size, dtype=torch.float64) - 1, min=1))
+        m[:d, d] = -1.0
+        return m
+
+    with torch.no_grad():
+        w = torch.eye(d + 1, dtype=torch.float64) if transform is None else transform.homogeneous().detach()
+        m = (to_normalized(image.grid) @ image.grid.world_to_index_matrix() @ w @ grid.index_to_world_matrix()
+             @ torch.linalg.inv(to_normalized(grid)))
+        dt = image.data.dtype if image.data.dtype == torch.float64 else torch.float32
+        shape = (1, 1) + tuple(grid.shape)
+        norm = F.affine_grid(m[:d].to(dt)[None], list(shape), align_corners=True)  # (1, [D,] H, W, d)
+        x = image.data.to(dt)[None, None]
+        out = F.grid_sample(x, norm, mode=mode, padding_mode="border", align_corners=True)[0, 0]
+        inside = ((norm >= -1 - 1e-6) & (norm <= 1 + 1e-6)).all(-1)[0]
+        out = torch.where(inside, out, torch.as_tensor(default, dtype=out.dtype))
+    return Image(out, grid)
 
 
 # ---------------------------------------------------------------- filtering
@@ -278,14 +307,28 @@ def gradient(data: Tensor, grid: Grid) -> Tensor:
     return torch.einsum("ij,j...->i...", dirm, gi)
 
 
+def quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) of a 1D tensor by two order statistics
+    (``kthvalue``, linear time) instead of a full sort: 5 against 32 ms for a 2 mm brain."""
+    n = values.numel()
+    h = q * (n - 1)
+    k = int(math.floor(h))
+    lo = torch.kthvalue(values, k + 1).values
+    if k + 1 >= n or h == k:
+        return lo
+    hi = torch.kthvalue(values, k + 2).values
+    return lo + (hi - lo) * (h - k)
+
+
 def normalize_intensity(data: Tensor, mask: Tensor | None = None, lo_pct: float = 0.0,
                         hi_pct: float = 99.9) -> Tensor:
     """Robustly rescale intensities to about [0, 1] using percentiles (within mask if given)."""
     vals = data[mask] if mask is not None else data.reshape(-1)
     if vals.numel() > 2_000_000:
         vals = vals[torch.randperm(vals.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    lo = torch.quantile(vals.float(), lo_pct / 100.0) if lo_pct > 0 else vals.min()
-    hi = torch.quantile(vals.float(), hi_pct / 100.0)
+    vals = vals.float()
+    lo = quantile(vals, lo_pct / 100.0) if lo_pct > 0 else vals.min()
+    hi = quantile(vals, hi_pct / 100.0)
     if float(hi - lo) <= 0:
         hi = vals.max()
     return (data - lo) / max(float(hi - lo), 1e-12)

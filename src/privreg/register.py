@@ -208,10 +208,12 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
     seam = cfg.uses_seam()
     if not seam and fixed is None:
         raise InputError(f"metric {cfg.metric} with optimizer {cfg.optimizer} needs both images (clear only)")
+    secant_model = None  # MI's quasi-Newton model, handed from level to level
     for li, lev in enumerate(levels):
         grid = fixed_grid.downsample(lev.factor)
         mgrid = moving.grid.downsample(lev.factor)
-        mlev = MovingLevel.build(level_image(mov, mgrid, lev), _level_mask(moving_mask, mgrid), with_gradient=seam)
+        mlev = MovingLevel.build(level_image(mov, mgrid, lev), _level_mask(moving_mask, mgrid), with_gradient=seam,
+                                  exact_gradient=cfg.metric != "ssd")
         cand = fixed_candidates(li, grid) if fixed_candidates else torch.arange(grid.numel)
         if cand.numel() < 16:
             raise InputError("the fixed mask is empty at this resolution")
@@ -231,7 +233,8 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             tol = cfg.tol_mm * (lev.factor if cfg.sampling.mode == "full" else 1.0)
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
                                GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
-                                         secant=cfg.metric == "mi"), log)
+                                         secant=cfg.metric == "mi", secant_model=secant_model), log)
+            secant_model = out.pop("secant_model", None)
         else:
             fl = Image(level_image(fixed, grid, lev).data, grid)
             fm = None

@@ -23,6 +23,7 @@ class Sampling:
     fraction: float = 0.1
     seed: int = 0
     redraw: bool = True  # False: draw once per level and keep the points (deterministic cost, LM steps)
+    min_points: int = 16  # draw at least this many (coarse levels: a histogram needs points per bin)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -46,7 +47,7 @@ class Sampling:
         """
         if self.mode == "full":
             return candidates
-        n = max(16, int(round(self.fraction * candidates.numel())))
+        n = max(self.min_points, int(round(self.fraction * candidates.numel())))
         n = min(n, candidates.numel())
         gen = self.generator(level, iteration if self.redraw else 0)
         if self.mode == "urs":
