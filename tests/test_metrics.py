@@ -178,6 +178,36 @@ def test_mi_gradient_is_exact_where_points_fade_out(kind):
     assert float(torch.linalg.norm(ev.grad.to(F64) - fd)) < 1e-4 * float(torch.linalg.norm(fd)), (ev.grad, fd)
 
 
+@pytest.mark.parametrize("kind", ["affine", "bspline"])
+def test_gradient_only_mi_equals_the_full_evaluation(kind):
+    """hessian=False: the clear backend contracts the cross product with MI's log term without
+    forming it; value and gradient equal the full evaluation's, and the contraction equals the
+    generic one (full cross product, then the contraction) that the secure backends inherit."""
+    from privreg.joint import JointBackend
+
+    g = Grid((60, 50), (2.0, 2.0))
+    fixed, moving = Image(blobs(g, SCENE), g), Image(blobs(g, [([55, 45], 14, 1.0), ([80, 70], 9, 0.6)]), g)
+    be = ClearBackend(FixedSide(fixed, [PyramidLevel(1, 0)], normalize=False))
+    t = make_linear(kind, 2, g.center()) if kind != "bspline" else BSplineTransform.for_domain(g, 30.0)
+    with torch.no_grad():
+        t.theta.add_(torch.randn(t.theta.shape, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.05)
+    obj = JointObjective("mi", ParamModel(t), MovingLevel.build(moving), g, be, bins=24)
+    obj.start(0)
+    idx = torch.arange(0, g.numel, 3)
+    full, fast = obj.evaluate(idx), obj.evaluate(idx, hessian=False)
+    assert fast.hess is None and full.hess is not None and fast.value == full.value
+    assert torch.allclose(fast.grad, full.grad, rtol=1e-10, atol=1e-12 * float(full.grad.abs().max()))
+    gen = torch.Generator().manual_seed(3)
+    u = Columns((BlockRows(torch.randint(0, 22, (idx.numel(), 4), generator=gen),
+                           torch.rand(idx.numel(), 4, 2, generator=gen, dtype=F64), 24),))
+    weights = torch.rand(48, 24, generator=gen, dtype=F64)
+    basis = DenseBasis(torch.rand(idx.numel(), 3, generator=gen, dtype=F64))
+    for groups, ngroups in ((torch.arange(2).repeat(24), 2), (torch.randint(0, 5, (48,), generator=gen), 5)):
+        got = be.cross_contracted(u, basis, idx, weights, groups, ngroups)
+        ref = JointBackend.cross_contracted(be, u, basis, idx, weights, groups, ngroups)
+        assert got.shape == (3, ngroups) and torch.allclose(got, ref)
+
+
 def mi_fixed_range(a, b):
     return mi_loss(a, b, ranges=(0.0, 1.0, 0.0, 1.0))
 

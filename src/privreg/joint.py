@@ -173,6 +173,20 @@ class JointBackend(ABC):
         """Return sum_i Phi[i, j] U[i, a] V[index[i], b] and sum_i U[i, a] V[index[i], b] (at least
         the entries ``need`` names)."""
 
+    #: True when :meth:`cross_contracted` costs less than :meth:`cross` (no full cross product)
+    contraction_is_cheap: bool = False
+
+    def cross_contracted(self, u: "Tensor | Columns", basis: Basis, index: Tensor | None, weights: Tensor,
+                         groups: Tensor, ngroups: int) -> Tensor:
+        """out[j, m] = sum_{a, b} cross[j, a, b] weights[a, b] [groups[a] = m], shape (P, ngroups).
+
+        A gradient-only evaluation needs just this contraction of the cross product with weights
+        party 1 derived from the same call's ``total`` (MI: log p / (p_r p_t)). Here: the full cross,
+        then the contraction (what a secure backend has to do: same traffic as :meth:`cross`)."""
+        res = self.cross(u, basis, index, Need(slice(None), slice(0, 0)))
+        contracted = (res.cross * weights.to(res.cross.dtype)[None]).sum(-1)  # (P, a)
+        return torch.zeros(contracted.shape[0], ngroups, dtype=contracted.dtype).index_add_(1, groups, contracted)
+
     def note_sample(self, level: int, iteration: int, index: Tensor | None) -> None:
         """Told which sample (level, draw iteration) the next ``cross`` uses; secure backends send
         this key instead of the indices (URS points follow from the public seed)."""
@@ -333,3 +347,35 @@ class ClearBackend(JointBackend):
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         return res
+
+    contraction_is_cheap = True
+
+    def cross_contracted(self, u: "Tensor | Columns", basis: Basis, index: Tensor | None, weights: Tensor,
+                         groups: Tensor, ngroups: int) -> Tensor:
+        """One-hot V and block-sparse U: each point's live entries times the weight at its fixed bin,
+        summed per group, then one adjoint of the basis: O(N K w) instead of the O(N K w P)
+        cross product (3D MI affine, 53k points: MI evaluations 24 -> 16 ms)."""
+        parts = u.parts if isinstance(u, Columns) else ()
+        if self.v_bins is None or not parts or not all(isinstance(p, BlockRows) for p in parts):
+            return super().cross_contracted(u, basis, index, weights, groups, ngroups)
+        t0 = time.perf_counter()
+        bins = self.v_bins if index is None else self.v_bins[index]
+        flat = weights.to(torch.float64).reshape(-1)
+        nb = weights.shape[1]
+        g = None
+        off = 0
+        for part in parts:
+            n, k, wd = part.val.shape
+            cols = off + part.idx[:, :, None] * wd + torch.arange(wd)  # (N, K, w) dense column of each entry
+            vals = part.val.to(torch.float64) * flat[cols * nb + bins[:, None, None]]
+            gpart = groups[off:off + part.shape[1]]
+            if ngroups == wd and torch.equal(gpart, torch.arange(wd).repeat(part.nblocks)):
+                gp = vals.sum(1)  # group = position within the block (MI: the direction k)
+            else:
+                gp = torch.zeros(n, ngroups, dtype=torch.float64).scatter_add_(1, groups[cols].reshape(n, -1),
+                                                                               vals.reshape(n, -1))
+            g = gp if g is None else g + gp
+            off += part.shape[1]
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        return basis.adjoint(g)

@@ -181,7 +181,7 @@ class JointObjective:
         self.metric, self.model, self.moving, self.grid, self.backend = metric, model, moving, grid, backend
         self.bins = bins
         self.reg_weight, self.reg_kind = reg_weight, reg_kind
-        self.points = grid.points(F64)
+        self._all_points: Tensor | None = None  # the level grid's world points, made when first needed
         self._sample: tuple[Tensor, Tensor] | None = None  # (index, points[index]) of the last call
         self.spec = FeatureSpec(metric, bins)
         self._lam: float | None = None  # regulariser weight, fixed at a level's first evaluation
@@ -192,15 +192,23 @@ class JointObjective:
         self._lam = None
         self._kmat = None
 
+    @property
+    def points(self) -> Tensor:
+        """World points (N, d) of every voxel of the level grid (C order)."""
+        if self._all_points is None:
+            self._all_points = self.grid.points(F64)
+        return self._all_points
+
     def warped(self, index: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Points, I(W(x)), its gradient, the overlap weight m and m's gradient, the gradients taken
         with respect to the inner transform's output y (g' = L^T g, row form g L)."""
         if index is None:
             pts = self.points
-        elif self._sample is not None and self._sample[0] is index:  # a fixed subset: gathered once
+        elif self._sample is not None and self._sample[0] is index:  # a fixed subset: made once
             pts = self._sample[1]
-        else:
-            pts = self.points[index]
+        else:  # only the sample's points (not the whole grid's: 25 MB at 2 mm)
+            pts = self.points[index] if self._all_points is not None else self.grid.index_to_world(
+                _unravel(index, self.grid.size))
             self._sample = (index, pts)
         with torch.no_grad():
             wpts = self.model.map_points(self.grid, pts, index)
@@ -213,8 +221,12 @@ class JointObjective:
         _, _, g, inside, _ = self.warped(None)
         return torch.linalg.norm(g, dim=1) * inside
 
-    def evaluate(self, index: Tensor | None, reference: Evaluation | None = None) -> Evaluation:
+    def evaluate(self, index: Tensor | None, reference: Evaluation | None = None,
+                 hessian: bool = True) -> Evaluation:
         """Value, gradient and Gauss-Newton Hessian at the current theta on the points ``index``.
+
+        ``hessian=False``: the caller only reads value and gradient (MI's quasi-Newton trial steps);
+        a backend whose contraction is cheap then skips the full cross product (``hess`` is None).
 
         ``reference``: an earlier evaluation on the same points (the last accepted iterate). SSD then
         gets its value as reference value + increment, the increment's joint terms being products
@@ -237,7 +249,7 @@ class JointObjective:
                 ref = None
             ev = self._ssd(i_w, g, m, float(m.numel()), basis, d, index, ref)  # fixed n: no jump when a point leaves
         else:
-            ev = self._mi(i_w, g, m, dm, nvalid, basis, d, index)
+            ev = self._mi(i_w, g, m, dm, nvalid, basis, d, index, hessian)
         ev.num_points, ev.basis, ev.g_outer = int(nvalid), basis, g * m[:, None]
         self._add_regularizer(ev)
         return self._chain(ev)
@@ -277,7 +289,7 @@ class JointObjective:
         return Evaluation(value, grad, None, matvec, diag, ssd_state=state)
 
     # ------------------------------------------------------------------- MI
-    def _mi(self, i_w, g, m, dm, n, basis: Basis, d: int, index: Tensor | None) -> Evaluation:
+    def _mi(self, i_w, g, m, dm, n, basis: Basis, d: int, index: Tensor | None, hessian: bool = True) -> Evaluation:
         """Mattes MI, p = (m A)^T B / n with n = sum m (PPIR eq. 8), and its exact derivative: the
         seam's C holds d(m A)/dW = m dA/dI grad I + A grad m (eq. 9 plus the overlap weight's
         change), and dn/dtheta = sum Phi grad m is party 1's own."""
@@ -286,19 +298,28 @@ class JointObjective:
         a = BlockRows(idx, (wa * m[:, None])[:, :, None], nb)  # m A  (N, nb)
         dma = (dwa * m[:, None])[:, :, None] * g[:, None, :] + wa[:, :, None] * dm[:, None, :]
         c = BlockRows(idx, dma, nb)  # d(m A(x, r))/dW_k  (N, nb * d)
-        u = Columns((a, c))
-        res = self.backend.cross(u, basis, index, Need(slice(nb, None), slice(0, nb)))
-        p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pnum = basis.num_basis
         dn = basis.adjoint(dm).reshape(pnum, d)  # d n / dD
-        dp = res.cross[:, nb:, :].reshape(pnum, nb, d, -1).permute(0, 2, 1, 3) / n  # eq. (9) (P, d, nb, nbt)
-        dp = (dp - dn[:, :, None, None] * p[None, None] / n).reshape(pnum * d, -1)
+        gradient_only = not hessian and self.backend.contraction_is_cheap
+        if gradient_only:  # the joint pdf first, then the cross product contracted with its log term
+            res = self.backend.cross(Columns((a,)), basis, index, Need(slice(0, 0), slice(0, nb)))
+        else:
+            res = self.backend.cross(Columns((a, c)), basis, index, Need(slice(nb, None), slice(0, nb)))
+        p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pr = p.sum(1, keepdim=True)
         pt = p.sum(0, keepdim=True)
         nz = p > 1e-12
         # dMI = sum dp log(p / (pr pt)): the fixed marginal pt moves too when points fade in or out
         logterm = torch.where(nz, torch.log(p.clamp(min=1e-12) / (pr * pt).clamp(min=1e-24)), torch.zeros_like(p))
         mi = float((p * torch.log((p / (pr * pt).clamp(min=1e-20)).clamp(min=1e-20)) * nz).sum())
+        if gradient_only:  # grad = -(1/n) (sum_{r,t} cross[:, (r, k), t] L[r, t] - dn sum p L)
+            weights = logterm.repeat_interleave(d, dim=0)  # column (r, k) of C -> L[r, :]
+            groups = torch.arange(d).repeat(nb)  # ... summed per direction k
+            out = self.backend.cross_contracted(Columns((c,)), basis, index, weights, groups, d)
+            grad = -(out - dn * float((p * logterm).sum())).reshape(-1) / n
+            return Evaluation(-mi, grad, None)
+        dp = res.cross[:, nb:, :].reshape(pnum, nb, d, -1).permute(0, 2, 1, 3) / n  # eq. (9) (P, d, nb, nbt)
+        dp = (dp - dn[:, :, None, None] * p[None, None] / n).reshape(pnum * d, -1)
         grad = -(dp @ logterm.reshape(-1))
         w = torch.where(nz, 1.0 / p.clamp(min=1e-12) - 1.0 / pr.clamp(min=1e-12), torch.zeros_like(p)).reshape(-1)
         if dp.shape[0] <= DENSE_HESSIAN_MAX:
@@ -335,7 +356,7 @@ class JointObjective:
                 self._kmat = torch.stack([control_grid_operator(e.reshape(-1, d), shape, self.reg_kind).reshape(-1)
                                           for e in eye])
             ev.hess = ev.hess + lam * self._kmat
-        else:
+        elif ev.hess_matvec is not None:  # (a gradient-only evaluation has neither)
             base = ev.hess_matvec
             ev.hess_matvec = lambda v: base(v) + lam * control_grid_operator(v.reshape(-1, d), shape, self.reg_kind).reshape(-1)
             ev.hess_diag = ev.hess_diag + lam * kdiag
@@ -345,9 +366,19 @@ class JointObjective:
         if jac is None:
             return ev
         ev.grad = jac.T @ ev.grad
-        ev.hess = jac.T @ ev.hess @ jac
+        if ev.hess is not None:
+            ev.hess = jac.T @ ev.hess @ jac
         return ev
 
+
+
+def _unravel(index: Tensor, size: tuple[int, ...]) -> Tensor:
+    """C-order flat voxel indices (N,) -> continuous (x, y[, z]) indices (N, d), float64."""
+    cols, rem = [], index
+    for n in size:  # x varies fastest
+        cols.append(rem % n)
+        rem = rem // n
+    return torch.stack(cols, 1).to(F64)
 
 
 def _same_points(a: Tensor | None, b: Tensor | None) -> bool:

@@ -230,7 +230,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             obj = JointObjective(cfg.metric, model, mlev, grid, backend, cfg.bins, cfg.reg_weight, cfg.reg_kind)
             obj.start(li)
             draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel)
-            tol = cfg.tol_mm * (lev.factor if cfg.sampling.mode == "full" else 1.0)
+            tol = cfg.tol_mm * lev.factor
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
                                GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
                                          secant=cfg.metric == "mi", secant_model=secant_model), log)

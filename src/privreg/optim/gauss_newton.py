@@ -229,6 +229,9 @@ def _secant_line_search(objective: JointObjective, draw: Callable[[int], Tensor 
             b = torch.diag(torch.diagonal(b))
             continue
         rms = float(torch.sqrt((norms**2).mean()))
+        if rms < options.tol_mm:  # the model's own step to its minimum is below tolerance: done
+            last_step, converged = rms, True
+            break
         alpha, moved, new = first_alpha, 0.0, None
         for _ in range(4):  # backtracking by cubic interpolation
             model.update((alpha - moved) * delta)
@@ -236,7 +239,7 @@ def _secant_line_search(objective: JointObjective, draw: Callable[[int], Tensor 
             it += 1
             evals += 1
             try:
-                new = objective.evaluate(draw(it), reference=ev)
+                new = objective.evaluate(draw(it), reference=ev, hessian=False)  # B replaces the Hessian
             except InputError:
                 new = None
             ok = new is not None and new.value <= ev.value + 1e-4 * alpha * slope
@@ -256,8 +259,5 @@ def _secant_line_search(objective: JointObjective, draw: Callable[[int], Tensor 
         updates += 1
         first_alpha = min(1.0, 2.0 * moved)  # the model overshot by about the same factor as last time
         ev = new
-        if last_step < options.tol_mm:
-            converged = True
-            break
     return {"iterations": it, "evaluations": evals, "final_value": ev.value, "converged": converged,
             "last_step_mm": last_step, "secant_model": b}
