@@ -272,6 +272,8 @@ def test_gms_needs_explicit_opt_in(pair2d):
     with pytest.raises(InputError, match="reveal-gms-indices"):
         check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), False)
     check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), True)
+    with pytest.raises(InputError, match="clear-only"):
+        check_secure_config(RegistrationConfig(sampling=Sampling("urs", 0.1, flat_rate=0.1)), False, "fhe-v1")
     check_secure_config(RegistrationConfig(sampling=Sampling("gms", 0.1)), False, "fhe-v1")  # indices stay local
 
 

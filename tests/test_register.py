@@ -63,6 +63,35 @@ def test_sampling_is_reproducible_and_registration_converges(t1_slice, pd_slice)
         assert mean_displacement_error(res.transform, truth, fixed.grid, mask) < 0.3
 
 
+def test_stratified_sampling_is_unbiased_and_registers(brain3d):
+    """URS with flat_rate < 1: the flat stratum is drawn 10x less often, and the Horvitz-Thompson
+    weights make each stratum's weighted count its share of the candidates; a 3D MI affine with 5 %
+    of the points recovers a known affine about as well as 5 % plain URS does (8 seeds: 0.090 mm
+    mean, 0.128 worst, against 0.118 and 0.172)."""
+    s = Sampling("urs", 0.1, seed=4, flat_rate=0.1)
+    cand = torch.arange(20000)
+    informative = (cand % 5) == 0  # 4000 informative, 16000 flat
+    idx, w = s.draw_stratified(cand, informative, 1, 0)
+    idx2, w2 = s.draw_stratified(cand, informative, 1, 0)
+    assert torch.equal(idx, idx2) and torch.equal(w, w2) and bool((idx[1:] > idx[:-1]).all())
+    inf = informative[idx]
+    # per-point rates r and r / 10 with 4000 r + 16000 r / 10 = 2000: 1429 informative, 571 flat
+    assert int(inf.sum()) == 1429 and int((~inf).sum()) == 571
+    assert abs(float(w[inf].sum() / w.sum()) - 0.2) < 1e-6 and abs(float(w.mean()) - 1.0) < 1e-9
+    with pytest.raises(ValueError, match="URS only"):
+        Sampling("gms", 0.1, flat_rate=0.5)
+    truth = known_affine(brain3d.grid)
+    fixed = resample(brain3d, brain3d.grid, truth)
+    mask = (fixed.data > 0.1 * fixed.data.max()).reshape(-1)
+    other = Image((1.0 - (brain3d.data.clamp(min=0) / brain3d.data.max()) ** 0.7) * (brain3d.data > 0.05 * brain3d.data.max()), brain3d.grid)
+    errors = {}
+    for flat in (1.0, 0.1):
+        res = register(fixed, other, "affine", "mi", levels=(2, 1),
+                       sampling=Sampling("urs", 0.05, seed=1, redraw=False, min_points=2048, flat_rate=flat))
+        errors[flat] = mean_displacement_error(res.transform, truth, fixed.grid, mask)
+    assert errors[0.1] < 0.3 and errors[0.1] < 1.5 * errors[1.0], errors
+
+
 def test_autograd_paths_lncc_svf_and_ncc_lbfgs(t1_slice):
     truth = known_affine(t1_slice.grid, seed=4, deg=3.0, shift=2.0)
     fixed = resample(t1_slice, t1_slice.grid, truth)

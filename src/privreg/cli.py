@@ -41,6 +41,9 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, default=1e-3, help="stop when a step moves points less than this (mm RMS)")
     p.add_argument("--sampling", default="full", choices=["full", "urs", "gms"])
     p.add_argument("--sampling-fraction", type=float, default=0.1)
+    p.add_argument("--flat-rate", type=float, default=1.0,
+                   help="URS, finest level: relative rate of points in flat moving background (< 1: stratified, "
+                        "weighted back; clear only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same points)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins for MI")
     p.add_argument("--lncc-radius", type=int, default=4, help="LNCC window radius in voxels")
@@ -77,7 +80,7 @@ def _config_kwargs(a: argparse.Namespace) -> dict:
         optimizer=a.optimizer, levels=levels,
         sigmas=a.sigmas,
         max_iter=iters[0] if len(iters) == 1 else iters, tol_mm=a.tol,
-        sampling=Sampling(a.sampling, a.sampling_fraction, a.seed), bins=a.bins, grid_spacing=a.grid_spacing,
+        sampling=Sampling(a.sampling, a.sampling_fraction, a.seed, flat_rate=a.flat_rate), bins=a.bins, grid_spacing=a.grid_spacing,
         reg_weight=a.reg_weight, reg_kind=a.reg, init=a.init, lncc_radius=a.lncc_radius, step_vox=a.step,
         greedy_sigmas_vox=a.greedy_sigmas,
     )

@@ -196,6 +196,23 @@ def sample_linear_with_gradient(data: Tensor, grid: Grid, index: Tensor,
     return v, gi @ grid.direction_matrix(data.dtype).T
 
 
+def dilate(mask: Tensor, radius: int) -> Tensor:
+    """Binary dilation of a bool array (2D/3D, any shape) by a (2 radius + 1)^d box, separably
+    (three 1D max-pools: 10x faster than one 5^3 ``max_pool3d`` on a 2 mm brain)."""
+    if radius <= 0:
+        return mask.clone()
+    x = mask.to(torch.float32)[None, None]
+    d = mask.dim()
+    pool = F.max_pool3d if d == 3 else F.max_pool2d
+    for axis in range(d):
+        k = [1] * d
+        k[axis] = 2 * radius + 1
+        pad = [0] * d
+        pad[axis] = radius
+        x = pool(x, tuple(k), 1, tuple(pad))
+    return x[0, 0] > 0
+
+
 def zero_padded(data: Tensor) -> Tensor:
     """``data`` with one voxel of zeros around it (for :func:`sample_linear_with_gradient`)."""
     return F.pad(data, (1, 1) * data.dim())

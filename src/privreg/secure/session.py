@@ -96,6 +96,8 @@ def check_secure_config(cfg: RegistrationConfig, reveal_gms_indices: bool, proto
         raise InputError(f"private registration supports linear transforms and bspline, got {cfg.transform!r}")
     if cfg.optimizer not in ("auto", "gn"):
         raise InputError("private registration uses Gauss-Newton (--optimizer gn)")
+    if cfg.sampling.stratified:  # party 2 would re-draw plain URS from the seed: refuse rather than diverge
+        raise InputError("stratified URS (flat_rate < 1) is clear-only for now: use flat_rate 1 or GMS")
     if cfg.sampling.mode == "gms" and protocol == "mpc" and not reveal_gms_indices:
         raise InputError("GMS picks points from the moving image's gradients; sending them to the fixed party "
                          "leaks them. Use --sampling urs, or opt in with --reveal-gms-indices.")
