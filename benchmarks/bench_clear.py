@@ -128,9 +128,10 @@ def run_privreg(case: dict, tmp: Path, seed: int = 0) -> dict:
             # finest level, flat moving background is drawn at a tenth of the rate and weighted back
             res = register(f, m, "affine", "mi", levels=(4, 2, 1), max_iter=(100, 30, 30), tol_mm=0.01, bins=48,
                            sampling=Sampling("urs", 0.05, seed=seed, redraw=False, min_points=4096, flat_rate=0.1))
-        elif f.ndim == 3:  # a fixed 20 % random subset per level (elastix samples 2048 points by default)
+        elif f.ndim == 3:  # a fixed 20 % random subset per level (elastix samples 2048 points by default),
+            # stratified on the finest level as for MI
             res = register(f, m, "affine", "ssd", levels=(4, 2, 1), max_iter=(50, 30, 15),
-                           sampling=Sampling("urs", 0.2, seed=seed, redraw=False))
+                           sampling=Sampling("urs", 0.2, seed=seed, redraw=False, flat_rate=0.1))
         else:
             res = register(f, m, "affine", "ssd", levels=(2, 1), max_iter=50)
     else:

@@ -306,7 +306,9 @@ class JointObjective:
         state = (index, mi, m, sum_ii, value)
         local = basis.adjoint(g * (m * i_w)[:, None])  # sum Phi m g I_w
         grad = (2.0 / n) * (local - r).reshape(-1)
-        gm = g * m[:, None]
+        # Gauss-Newton: sum m g g^T, so each point's row carries sqrt(m) (m holds the overlap weight
+        # and a stratified sample's weight; m g here made the weighted Hessian w times too small)
+        gm = g * m.clamp(min=0).sqrt()[:, None]
         if isinstance(basis, DenseBasis):
             s = (basis.matrix[:, :, None] * gm[:, None, :]).reshape(gm.shape[0], -1)
             hess = (2.0 / n) * (s.T @ s)
