@@ -45,6 +45,10 @@ def test_cli_bad_inputs_leave_no_outdir(tmp_path, capsys):
     write_image(Image(torch.zeros(257, 221), read_image(f).grid), mask)
     assert main(["register", str(f), str(f), "-o", str(out), "--fixed-mask", str(mask)]) == 2
     assert "empty" in capsys.readouterr().err
+    for bad, msg in ((["--sampling", "urs", "--sampling-fraction", "2"], "fraction"),
+                     (["--sampling", "gms", "--flat-rate", "0.5"], "URS only")):
+        assert main(["register", str(f), str(f), "-o", str(out)] + bad) == 2
+        assert msg in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".never*"))
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 MODES = ("full", "urs", "gms")
 
 
@@ -32,13 +34,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"sampling mode must be one of {MODES}, got {self.mode!r}")
+            raise InputError(f"sampling mode must be one of {MODES}, got {self.mode!r}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"sampling fraction must be in (0, 1], got {self.fraction}")
+            raise InputError(f"sampling fraction must be in (0, 1], got {self.fraction}")
         if not 0 < self.flat_rate <= 1:
-            raise ValueError(f"sampling flat_rate must be in (0, 1], got {self.flat_rate}")
+            raise InputError(f"sampling flat_rate must be in (0, 1], got {self.flat_rate}")
         if self.flat_rate < 1 and self.mode != "urs":
-            raise ValueError("flat_rate < 1 (stratified sampling) applies to URS only")
+            raise InputError("flat_rate < 1 (stratified sampling) applies to URS only")
 
     @property
     def stratified(self) -> bool:
