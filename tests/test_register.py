@@ -92,6 +92,33 @@ def test_stratified_sampling_is_unbiased_and_registers(brain3d):
     assert errors[0.1] < 0.3 and errors[0.1] < 1.5 * errors[1.0], errors
 
 
+def test_quasi_newton_stops_on_a_zero_gradient():
+    """MI's line search at a stationary point: no descent direction even from B's diagonal, so it
+    stops at once (it used to restart forever) and evaluates nothing."""
+    from privreg.basis import DenseBasis
+    from privreg.objectives import Evaluation
+    from privreg.optim.gauss_newton import GNOptions, _secant_line_search
+
+    class Model:
+        ndim, outer_linear = 2, torch.eye(2, dtype=F64)
+
+        def chain(self):
+            return None
+
+        def update(self, delta):
+            raise AssertionError("no step expected")
+
+    class Objective:
+        model = Model()
+
+        def evaluate(self, *a, **k):
+            raise AssertionError("no evaluation expected")
+
+    ev = Evaluation(0.5, torch.zeros(4, dtype=F64), torch.eye(4, dtype=F64), basis=DenseBasis(torch.ones(6, 2, dtype=F64)))
+    out = _secant_line_search(Objective(), lambda it: None, GNOptions(max_iter=5), None, ev)
+    assert out["iterations"] == 0 and out["converged"] and out["evaluations"] == 1
+
+
 def test_autograd_paths_lncc_svf_and_ncc_lbfgs(t1_slice):
     truth = known_affine(t1_slice.grid, seed=4, deg=3.0, shift=2.0)
     fixed = resample(t1_slice, t1_slice.grid, truth)

@@ -217,6 +217,7 @@ def _secant_line_search(objective: JointObjective, draw: Callable[[int], Tensor 
     converged = False
     last_step = float("nan")
     first_alpha = 1.0
+    restarted = False
     while it < options.max_iter:
         ev.hess = b
         delta = _solve(ev, 1e-6, options.cg_iter)
@@ -225,9 +226,13 @@ def _secant_line_search(objective: JointObjective, draw: Callable[[int], Tensor 
             f = options.max_step_mm / float(norms.max())
             delta, norms = delta * f, norms * f
         slope = float(ev.grad.to(F64) @ delta)
-        if slope >= 0:  # not a descent direction (cannot happen with B positive definite): restart
-            b = torch.diag(torch.diagonal(b))
+        if slope >= 0:  # not a descent direction (B lost positive definiteness, or a zero gradient)
+            if restarted:  # already restarted from B's diagonal: nothing left to descend along
+                converged = not bool(ev.grad.abs().max() > 0)
+                break
+            b, restarted = torch.diag(torch.diagonal(b).abs().clamp(min=1e-12)), True
             continue
+        restarted = False
         rms = float(torch.sqrt((norms**2).mean()))
         if rms < options.tol_mm:  # the model's own step to its minimum is below tolerance: done
             last_step, converged = rms, True
