@@ -75,7 +75,8 @@ def assert_private_matches_clear(private, clear, grid, metric: str) -> None:
     """A private run reaches the clear run's result. SSD (Levenberg-Marquardt) also takes the same
     decisions on the backends' noise (MPC fixed point, CKKS ~1e-7), so the same iteration count; MI's
     quasi-Newton line search amplifies that noise along a narrow valley: the same optimum by another
-    path (CKKS, 11 runs: 2e-5 to 0.0066 mm apart, 30 to 41 iterations against the clear run's 37)."""
+    path, so MI's iteration count is not compared (CKKS, 2D rigid case, 6 runs: up to 0.0105 mm
+    apart, final MI within 4.4e-6, 24 to 37 iterations against the clear run's 33)."""
     from privreg.evaluate import displacement_rmse
 
     rmse = displacement_rmse(private.transform, clear.transform, grid)
@@ -83,8 +84,8 @@ def assert_private_matches_clear(private, clear, grid, metric: str) -> None:
     if metric == "ssd":
         assert rmse < 0.01 and n_private == n_clear, (rmse, n_private, n_clear)
     else:
-        assert rmse < 0.02 and abs(n_private - n_clear) <= 0.35 * n_clear, (rmse, n_private, n_clear)
-        assert abs(private.report["final_value"] - clear.report["final_value"]) < 1e-5
+        assert rmse < 0.025 and abs(private.report["final_value"] - clear.report["final_value"]) < 2e-5, (
+            rmse, n_private, n_clear)
 
 
 @pytest.fixture
