@@ -12,7 +12,7 @@ dW_k/dD_jk = (L Phi_j)(x); linear transforms map D <-> theta through their Jacob
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ class MovingLevel:
     vmax: float = 1.0
     padded: Tensor | None = None  # data64 with a border of zeros (the interpolator's layout)
     channels: Tensor | None = None  # (1 + d, *shape): I and its central-difference gradient, or None
+    structure_cache: dict = field(default_factory=dict, repr=False)  # radius -> structure() mask
 
     @staticmethod
     def build(image: Image, mask: Image | None = None, with_gradient: bool = True,
@@ -63,7 +64,7 @@ class MovingLevel:
         """1 within ``radius`` voxels of a voxel whose central-difference gradient exceeds 1e-3 of the
         largest, else 0 (flat background): the strata of stratified sampling. Cached per radius.
         Levels above 2^18 voxels use every other voxel (any strata keep the estimate unbiased)."""
-        cache = self.__dict__.setdefault("_structure", {})
+        cache = self.structure_cache
         if radius not in cache:
             data, grid = self.image.data, self.image.grid
             step = 2 if data.numel() > 1 << 18 else 1  # large levels: every other voxel (8x fewer), radius / 2
