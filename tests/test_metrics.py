@@ -97,6 +97,26 @@ def test_block_sparse_columns_match_their_dense_form():
     assert torch.allclose(got.cross[:, :nb * w], ref[:, :nb * w]) and bool(got.cross[:, nb * w:].isnan().all())
 
 
+def central_difference(obj, t, th0, i, h):
+    """(cost(theta + h e_i) - cost(theta - h e_i)) / 2h of a seam objective; leaves theta at th0."""
+    vals = []
+    for s in (1, -1):
+        th = th0.clone()
+        th[i] += s * h
+        t.set_theta(th)
+        vals.append(obj.evaluate(None).value)
+    t.set_theta(th0)
+    return (vals[0] - vals[1]) / (2 * h)
+
+
+def fading_pair():
+    """Fixed and moving blob images on the same 2 mm grid (points leave the moving domain), with a
+    clear backend on the fixed one."""
+    g = Grid((60, 50), (2.0, 2.0))
+    fixed, moving = Image(blobs(g, SCENE), g), Image(blobs(g, [([55, 45], 14, 1.0), ([80, 70], 9, 0.6)]), g)
+    return g, moving, ClearBackend(FixedSide(fixed, [PyramidLevel(1, 0)], normalize=False))
+
+
 @pytest.mark.parametrize("metric", ["ssd", "mi"])
 @pytest.mark.parametrize("kind", ["rigid", "affine", "bspline"])
 def test_seam_gradient_matches_finite_differences(metric, kind):
@@ -125,13 +145,7 @@ def test_seam_gradient_matches_finite_differences(metric, kind):
     idx = range(th0.numel()) if kind != "bspline" else torch.argsort(ev.grad.abs(), descending=True)[:5].tolist()
     h = 1e-3 if kind != "bspline" else 1e-2
     for i in idx:
-        vals = []
-        for s in (1, -1):
-            th = th0.clone()
-            th[i] += s * h
-            t.set_theta(th)
-            vals.append(obj.evaluate(None).value)
-        fd = (vals[0] - vals[1]) / (2 * h)
+        fd = central_difference(obj, t, th0, i, h)
         scale = float(ev.grad.abs().max())
         assert abs(float(ev.grad[i]) - fd) < 0.05 * scale, (i, float(ev.grad[i]), fd)
     t.set_theta(th0)
@@ -154,9 +168,7 @@ def test_mi_gradient_is_exact_where_points_fade_out(kind):
     """Mattes MI's analytic gradient is the derivative of the value it reports, to 1e-4 of its norm,
     when the moving domain equals the fixed one (points fade out over the border voxel, so the fixed
     marginal changes with the parameters: the log term is log p / (p_r p_t))."""
-    g = Grid((60, 50), (2.0, 2.0))
-    fixed, moving = Image(blobs(g, SCENE), g), Image(blobs(g, [([55, 45], 14, 1.0), ([80, 70], 9, 0.6)]), g)
-    be = ClearBackend(FixedSide(fixed, [PyramidLevel(1, 0)], normalize=False))
+    g, moving, be = fading_pair()
     t = make_linear(kind, 2, g.center())
     with torch.no_grad():
         t.theta.copy_(torch.tensor([0.08, 6.3, -4.7] if kind == "rigid" else [1.05, 0.04, -0.03, 0.96, 6.3, -4.7]))
@@ -167,14 +179,7 @@ def test_mi_gradient_is_exact_where_points_fade_out(kind):
     fd = torch.zeros_like(th0)
     for i in range(th0.numel()):
         h = 1e-5 if i < th0.numel() - 2 else 1e-3  # matrix entries are unit-less, shifts in mm
-        vals = []
-        for s in (1, -1):
-            th = th0.clone()
-            th[i] += s * h
-            t.set_theta(th)
-            vals.append(obj.evaluate(None).value)
-        fd[i] = (vals[0] - vals[1]) / (2 * h)
-    t.set_theta(th0)
+        fd[i] = central_difference(obj, t, th0, i, h)
     assert float(torch.linalg.norm(ev.grad.to(F64) - fd)) < 1e-4 * float(torch.linalg.norm(fd)), (ev.grad, fd)
 
 
@@ -185,9 +190,7 @@ def test_gradient_only_mi_equals_the_full_evaluation(kind):
     generic one (full cross product, then the contraction) that the secure backends inherit."""
     from privreg.joint import JointBackend
 
-    g = Grid((60, 50), (2.0, 2.0))
-    fixed, moving = Image(blobs(g, SCENE), g), Image(blobs(g, [([55, 45], 14, 1.0), ([80, 70], 9, 0.6)]), g)
-    be = ClearBackend(FixedSide(fixed, [PyramidLevel(1, 0)], normalize=False))
+    g, moving, be = fading_pair()
     t = make_linear(kind, 2, g.center()) if kind != "bspline" else BSplineTransform.for_domain(g, 30.0)
     with torch.no_grad():
         t.theta.add_(torch.randn(t.theta.shape, generator=torch.Generator().manual_seed(1), dtype=F64) * 0.05)

@@ -153,3 +153,13 @@ def world_to_normalized(grid: Grid, points: Tensor) -> Tensor:
     size = torch.tensor(grid.size, dtype=points.dtype)
     denom = torch.clamp(size - 1, min=1)
     return 2.0 * idx / denom - 1.0
+
+
+def index_to_normalized_matrix(grid: Grid) -> Tensor:
+    """Homogeneous (d+1)x(d+1) float64 matrix of :func:`world_to_normalized`'s index step:
+    continuous (x, y[, z]) index -> grid_sample's [-1, 1] (align_corners=True)."""
+    d = grid.ndim
+    m = torch.eye(d + 1, dtype=torch.float64)
+    m[:d, :d] = torch.diag(2.0 / torch.clamp(torch.tensor(grid.size, dtype=torch.float64) - 1, min=1))
+    m[:d, d] = -1.0
+    return m

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from .basis import Basis, DenseBasis, SparseBasis
 from .grid import Grid
-from .image import Image, convolution_matrix, gaussian_kernel1d, normalize_intensity, resample, smooth
+from .image import (Image, apply_along_axes, convolution_matrix, gaussian_kernel1d, normalize_intensity,
+                    resample, smooth)
 from .metrics.functional import parzen_fixed_bins
 
 
@@ -97,11 +98,7 @@ def separable_level_image(image: Image, grid: Grid, sigma_mm: float) -> Image | 
         if s > 0.05 and n_in >= 2:
             interp = interp @ convolution_matrix(n_in, gaussian_kernel1d(s, torch.float64))
         mats.append(interp.to(dtype))
-    out = image.data.to(dtype)
-    for axis, mat in enumerate(mats):
-        dim = out.dim() - 1 - axis
-        out = torch.movedim(torch.tensordot(out, mat, dims=([dim], [1])), -1, dim)
-    return Image(out.contiguous(), grid)
+    return Image(apply_along_axes(image.data.to(dtype), mats), grid)
 
 
 class FixedSide:
@@ -409,12 +406,8 @@ class ClearBackend(JointBackend):
             n, k, wd = part.val.shape
             cols = off + part.idx[:, :, None] * wd + torch.arange(wd)  # (N, K, w) dense column of each entry
             vals = part.val.to(torch.float64) * flat[cols * nb + bins[:, None, None]]
-            gpart = groups[off:off + part.shape[1]]
-            if ngroups == wd and torch.equal(gpart, torch.arange(wd).repeat(part.nblocks)):
-                gp = vals.sum(1)  # group = position within the block (MI: the direction k)
-            else:
-                gp = torch.zeros(n, ngroups, dtype=torch.float64).scatter_add_(1, groups[cols].reshape(n, -1),
-                                                                               vals.reshape(n, -1))
+            gp = torch.zeros(n, ngroups, dtype=torch.float64).scatter_add_(1, groups[cols].reshape(n, -1),
+                                                                           vals.reshape(n, -1))
             g = gp if g is None else g + gp
             off += part.shape[1]
         self.stats.calls += 1

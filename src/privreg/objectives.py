@@ -41,24 +41,28 @@ class MovingLevel:
     0.0032 against 0.0048 mm, 3D B-spline 0.268 against 0.301 mm: ``benchmarks/bench_clear.py``)."""
 
     image: Image
-    data64: Tensor | None  # grid.shape float64 (the SSD cost cancels: sum I^2 - 2 I J + J^2); None for autograd
+    # float64 (the SSD cost cancels: sum I^2 - 2 I J + J^2), for the seam objectives only (None for
+    # autograd): the image with a border of zeros (the exact interpolator's layout), or
+    # ``channels`` (1 + d, *shape): the image and its central-difference gradient
+    padded: Tensor | None = None
+    channels: Tensor | None = None
     mask: Image | None = None
     vmin: float = 0.0
     vmax: float = 1.0
-    padded: Tensor | None = None  # data64 with a border of zeros (the interpolator's layout)
-    channels: Tensor | None = None  # (1 + d, *shape): I and its central-difference gradient, or None
     structure_cache: dict = field(default_factory=dict, repr=False)  # radius -> structure() mask
 
     @staticmethod
     def build(image: Image, mask: Image | None = None, with_gradient: bool = True,
               exact_gradient: bool = True) -> "MovingLevel":
-        data = image.data.to(F64) if with_gradient else None
         vals = image.data[mask.data > 0] if mask is not None else image.data
-        channels = None
-        if data is not None and not exact_gradient:
-            channels = torch.cat([data[None], gradient(data, image.grid)], 0)
-        return MovingLevel(image, data, mask, float(vals.min()), float(vals.max()),
-                           zero_padded(data) if data is not None and exact_gradient else None, channels)
+        padded = channels = None
+        if with_gradient:
+            data = image.data.to(F64)
+            if exact_gradient:
+                padded = zero_padded(data)
+            else:
+                channels = torch.cat([data[None], gradient(data, image.grid)], 0)
+        return MovingLevel(image, padded, channels, mask, float(vals.min()), float(vals.max()))
 
     def structure(self, radius: int = 2) -> Image:
         """1 within ``radius`` voxels of a voxel whose central-difference gradient exceeds 1e-3 of the
@@ -91,7 +95,7 @@ class MovingLevel:
             out = sample_index(self.channels, g, idx)
             value, grad = out[:, 0].to(F64), out[:, 1:].to(F64)
         else:
-            value, grad = sample_linear_with_gradient(self.data64, g, idx, self.padded)
+            value, grad = sample_linear_with_gradient(self.padded, g, idx, padded=True)
         top = torch.tensor(g.size, dtype=F64) - 1
         dist = torch.minimum(idx, top - idx)  # (N, d) index distance to the nearest domain face per axis
         near, axis = dist.min(dim=1)

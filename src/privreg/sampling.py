@@ -44,6 +44,10 @@ class Sampling:
         if self.flat_rate < 1 and self.mode != "urs":
             raise InputError("flat_rate < 1 (stratified sampling) applies to URS only")
 
+    def count(self, candidates: int) -> int:
+        """How many of ``candidates`` points a draw takes: ``fraction`` of them, at least ``min_points``."""
+        return min(candidates, max(self.min_points, int(round(self.fraction * candidates))))
+
     @property
     def stratified(self) -> bool:
         return self.mode == "urs" and self.flat_rate < 1
@@ -64,8 +68,7 @@ class Sampling:
         """
         if self.mode == "full":
             return candidates
-        n = max(self.min_points, int(round(self.fraction * candidates.numel())))
-        n = min(n, candidates.numel())
+        n = self.count(candidates.numel())
         gen = self.generator(level, iteration if self.redraw else 0)
         if self.mode == "urs":
             pick = torch.randperm(candidates.numel(), generator=gen)[:n]
@@ -87,7 +90,7 @@ class Sampling:
         estimate of the every-candidate one. Same total as :meth:`draw`, spent where the metric
         changes: a brain at 2 mm has 72 % background voxels. The strata are party 1's own data
         (moving image and transform), so the sample is too (as GMS's)."""
-        total = min(candidates.numel(), max(self.min_points, int(round(self.fraction * candidates.numel()))))
+        total = self.count(candidates.numel())
         gen = self.generator(level, iteration if self.redraw else 0)
         strata = [candidates[informative], candidates[~informative]]
         sizes = [c.numel() for c in strata]
