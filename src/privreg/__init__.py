@@ -2,6 +2,7 @@
 
 from .errors import InputError, PrivregError
 from .grid import Grid
+from . import evaluate, quality
 from .image import Image, read_image, resample, write_image
 from .register import RegistrationConfig, RegistrationResult, register
 from .sampling import Sampling

@@ -1,13 +1,26 @@
-"""Command-line interface: ``privreg register | apply | evaluate | demo``."""
+"""Command-line interface: ``privreg register | apply | evaluate | secure-register | party | dealer | certs | demo``.
+
+Exit codes (README): 0 success; 2 bad input or an output that cannot be written (one line on
+stderr, nothing written); 3 the registration ran but its result failed the plausibility checks
+(outputs written, ``report.json`` has ``"status": "failed"`` and its ``warnings``; ``--allow-failure``
+exits 0 instead); 130 interrupted (SIGINT), 143 terminated (SIGTERM): temporary files removed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from .errors import PrivregError
+from .errors import InputError, PrivregError
+
+EXIT_OK, EXIT_INPUT, EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM = 0, 2, 3, 130, 143
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that every ``with`` block cleans up on the way out."""
 
 
 def _add_register_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +43,11 @@ def _numbers(kind: type):
 
 
 def _add_register_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transform", default="affine",
-                   choices=["translation", "rigid", "similarity", "affine", "bspline", "displacement", "svf"])
-    p.add_argument("--metric", default="ssd", choices=["ssd", "ncc", "lncc", "mi", "mind"])
-    p.add_argument("--optimizer", default="auto", choices=["auto", "gn", "lbfgs", "adam", "gd", "greedy"],
+    from .register import INITS, METRICS, OPTIMIZERS, REGULARIZERS, TRANSFORMS
+
+    p.add_argument("--transform", default="affine", choices=TRANSFORMS)
+    p.add_argument("--metric", default="ssd", choices=METRICS)
+    p.add_argument("--optimizer", default="auto", choices=OPTIMIZERS,
                    help="auto: Gauss-Newton for SSD/MI, greedy for displacement, else L-BFGS (Adam when sampled)")
     p.add_argument("--levels", type=_numbers(float), default="4,2,1", help="shrink factors, coarse to fine (default 4,2,1)")
     p.add_argument("--sigmas", type=_numbers(float), default=None, help="smoothing sigma per level in mm (default 0.5*factor*spacing)")
@@ -53,11 +67,17 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid-spacing", type=float, default=10.0, help="control-point / field spacing in mm")
     p.add_argument("--reg-weight", type=float, default=None,
                    help="regularisation weight; Gauss-Newton B-spline: relative to the data term (default 3e-3 for SSD, 3 for MI), else absolute (default 0)")
-    p.add_argument("--reg", default="bending", choices=["diffusion", "elastic", "bending", "folding"])
-    p.add_argument("--init", default="geometry", choices=["geometry", "moments", "identity"])
+    p.add_argument("--reg", default="bending", choices=REGULARIZERS)
+    p.add_argument("--init", default="geometry", choices=INITS,
+                   help="starting alignment: image centres (geometry), centres of mass (com, moments) or none (identity)")
     p.add_argument("--initial-transform", default=None, help="ITK transform file to start from")
     p.add_argument("--fixed-mask", default=None)
     p.add_argument("--moving-mask", default=None)
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="linear, clear: do not restart from a coarse rotation / shift that matches better than the result")
+    p.add_argument("--allow-failure", action="store_true",
+                   help="exit 0 even when the result fails the plausibility checks (report.json still says so)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the computation (default: all cores)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -82,8 +102,35 @@ def _config_kwargs(a: argparse.Namespace) -> dict:
         max_iter=iters[0] if len(iters) == 1 else iters, tol_mm=a.tol,
         sampling=Sampling(a.sampling, a.sampling_fraction, a.seed, flat_rate=a.flat_rate), bins=a.bins, grid_spacing=a.grid_spacing,
         reg_weight=a.reg_weight, reg_kind=a.reg, init=a.init, lncc_radius=a.lncc_radius, step_vox=a.step,
-        greedy_sigmas_vox=a.greedy_sigmas,
+        greedy_sigmas_vox=a.greedy_sigmas, restart=a.restart,
     )
+
+
+def _read_inputs(a: argparse.Namespace, fixed_needed: bool = True):
+    """Read and check everything ``register`` needs before any output exists."""
+    from .image import read_image
+    from .transforms import load_transform
+
+    fixed = read_image(a.fixed) if fixed_needed else None
+    moving = read_image(a.moving)
+    fmask = read_image(a.fixed_mask) if getattr(a, "fixed_mask", None) else None
+    mmask = read_image(a.moving_mask) if a.moving_mask else None
+    init = load_transform(a.initial_transform) if a.initial_transform else None
+    for what, obj in (("--fixed-mask", fmask), ("--moving-mask", mmask), ("--initial-transform", init)):
+        if obj is not None and obj.ndim != moving.ndim:
+            raise InputError(f"{what} is {obj.ndim}D but the images are {moving.ndim}D")
+    return fixed, moving, fmask, mmask, init
+
+
+def _finish(a: argparse.Namespace, report: dict) -> int:
+    """Print the verdict's warnings; the exit code of a run that wrote its outputs."""
+    for w in report.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if report.get("status") == "failed":
+        print(f"privreg: registration failed its plausibility checks (report: {a.outdir}/report.json)",
+              file=sys.stderr)
+        return EXIT_OK if a.allow_failure else EXIT_FAILED
+    return EXIT_OK
 
 
 def write_outputs(out: Path, fixed, moving, result, reference_grid) -> None:
@@ -105,56 +152,59 @@ def write_outputs(out: Path, fixed, moving, result, reference_grid) -> None:
 
 
 def cmd_register(a: argparse.Namespace) -> int:
-    from .image import read_image
-    from .outputs import atomic_outdir
+    from .outputs import atomic_outdir, check_outdir
     from .register import register
-    from .transforms import load_transform
 
-    fixed, moving = read_image(a.fixed), read_image(a.moving)
-    fmask = read_image(a.fixed_mask) if a.fixed_mask else None
-    mmask = read_image(a.moving_mask) if a.moving_mask else None
-    init = load_transform(a.initial_transform) if a.initial_transform else None
+    check_outdir(a.outdir)
+    fixed, moving, fmask, mmask, init = _read_inputs(a)
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     with atomic_outdir(a.outdir) as tmp:
         res = register(fixed, moving, a.transform, a.metric, fmask, mmask, init, progress, **_config_kwargs(a))
         write_outputs(tmp, fixed, moving, res, fixed.grid)
+    r = res.report
     if not a.quiet:
-        r = res.report
-        print(f"done: {r['iterations']} iterations, {r['wall_seconds']:.2f} s, final cost {r['final_value']:.6g} -> {a.outdir}")
-    return 0
+        word = "done" if r["status"] == "ok" else "finished, FAILED"
+        print(f"{word}: {r['iterations']} iterations, {r['wall_seconds']:.2f} s, final cost {r['final_value']:.6g} -> {a.outdir}")
+    return _finish(a, r)
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
-    from .image import read_image, resample, write_image
-    from .outputs import atomic_outdir
+    from .image import check_image_suffix, read_image, resample, write_image
+    from .outputs import atomic_file, check_file_target
     from .transforms import load_transform
 
+    check_file_target(a.output)
+    check_image_suffix(a.output)
     ref = read_image(a.reference)
     img = read_image(a.image)
     t = load_transform(a.transform)
     if t.ndim != ref.ndim or img.ndim != ref.ndim:
-        from .errors import InputError
-
         raise InputError("image, reference and transform must have the same dimension")
     out = resample(img, ref.grid, t, mode="nearest" if a.labels else "bilinear")
-    target = Path(a.output)
-    with atomic_outdir(target.parent / f".{target.name}.d") as tmp:
-        write_image(out, tmp / target.name, dtype=None)
-    (target.parent / f".{target.name}.d" / target.name).replace(target)
-    (target.parent / f".{target.name}.d").rmdir()
+    with atomic_file(a.output) as tmp:
+        write_image(out, tmp, dtype=None)
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from . import evaluate as ev
     from .image import read_image
+    from .outputs import atomic_file
 
+    if not (a.labels or a.images or a.transform):
+        raise InputError("evaluate needs --labels, --images or --transform")
+    if a.transform and not a.reference:
+        raise InputError("--transform needs --reference IMAGE (the grid on which to evaluate it)")
+    if a.transform2 and not a.transform:
+        raise InputError("--transform2 needs --transform")
+    if a.output:
+        from .outputs import check_file_target
+
+        check_file_target(a.output)
     out: dict = {}
     if a.labels:
         f, m = read_image(a.labels[0]), read_image(a.labels[1])
         if not f.grid.same_as(m.grid, tol=1e-3):
-            from .errors import InputError
-
             raise InputError("label maps must be on the same grid (warp one with `privreg apply --labels`)")
         d = ev.dice(f.data.round(), m.data.round())
         out["dice_mean"] = sum(d.values()) / max(len(d), 1)
@@ -168,15 +218,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.transform:
         from .transforms import load_transform
 
-        ref = read_image(a.reference) if a.reference else None
+        ref = read_image(a.reference)
         t = load_transform(a.transform)
-        if ref is not None:
-            out["jacobian"] = ev.jacobian_stats(t, ref.grid)
-            if a.transform2:
-                out["displacement_rmse_mm"] = ev.displacement_rmse(t, load_transform(a.transform2), ref.grid)
+        t2 = load_transform(a.transform2) if a.transform2 else None
+        if any(x is not None and x.ndim != ref.ndim for x in (t, t2)):
+            raise InputError("--transform, --transform2 and --reference must have the same dimension")
+        out["jacobian"] = ev.jacobian_stats(t, ref.grid)
+        if t2 is not None:
+            out["displacement_rmse_mm"] = ev.displacement_rmse(t, t2, ref.grid)
     text = json.dumps(out, indent=2, default=float)
     if a.output:
-        Path(a.output).write_text(text)
+        with atomic_file(a.output) as tmp:
+            tmp.write_text(text)
     print(text)
     return 0
 
@@ -185,7 +238,6 @@ def _run_moving_party(a: argparse.Namespace, peers):
     """Party 1 of a private run: read MOVING, register through the MPC or CKKS backend, write OUTDIR atomically.
 
     ``peers`` is a context manager yielding {"fixed", "dealer", "pki"} (addresses and certificates)."""
-    from .errors import InputError
     from .image import read_image
     from .outputs import atomic_outdir
     from .register import RegistrationConfig
@@ -194,8 +246,10 @@ def _run_moving_party(a: argparse.Namespace, peers):
 
     if getattr(a, "fixed_mask", None):
         raise InputError("--fixed-mask is not supported in private registration (the mask is party 2's data)")
-    moving = read_image(a.moving)
-    moving.check_finite("moving image")
+    from .outputs import check_outdir
+
+    check_outdir(a.outdir)
+    _, moving, _, _, _ = _read_inputs(a, fixed_needed=False)
     cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
     cfg.validate()
     check_secure_config(cfg, a.reveal_gms_indices, a.protocol)
@@ -208,18 +262,19 @@ def _run_moving_party(a: argparse.Namespace, peers):
 
 
 def cmd_secure_register(a: argparse.Namespace) -> int:
+    from .image import read_image
     from .secure.launch import local_parties
 
+    read_image(a.fixed)  # the spawned party 2 reads it again; a bad file is a clear error here first
     res = _run_moving_party(a, local_parties(a.fixed, a.timeout, dealer=a.protocol == "mpc"))
     if not a.quiet:
         s = res.report["secure"]["summary"]
         print(f"done: {res.report['iterations']} iterations, {res.report['wall_seconds']:.2f} s, "
               f"{s['online_MB_per_iteration']:.3f} MB online per iteration -> {a.outdir}")
-    return 0
+    return _finish(a, res.report)
 
 
 def cmd_party(a: argparse.Namespace) -> int:
-    from .errors import InputError
     from .secure.parties import party_main
 
     if a.pki is None:
@@ -230,8 +285,8 @@ def cmd_party(a: argparse.Namespace) -> int:
         from contextlib import nullcontext
 
         a.moving = a.image
-        _run_moving_party(a, nullcontext({"fixed": a.connect, "dealer": a.dealer, "pki": a.pki}))
-        return 0
+        res = _run_moving_party(a, nullcontext({"fixed": a.connect, "dealer": a.dealer, "pki": a.pki}))
+        return _finish(a, res.report)
     return party_main("fixed", a.image, a.listen, a.dealer, a.pki, a.timeout)
 
 
@@ -255,9 +310,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a.outdir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``privreg: error: ...``, exit 2) and defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"privreg: error: {self.prog.split()[-1]}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="privreg", description="Image registration, in the clear or privately.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="privreg", description="Image registration, in the clear or privately.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("register", help="register MOVING to FIXED")
     _add_register_args(r)
     r.set_defaults(func=cmd_register)
@@ -305,16 +372,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if not 1 <= n <= 1024:
+        raise InputError(f"--threads must be between 1 and 1024, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
+        _set_threads(getattr(args, "threads", None))
         return args.func(args)
     except PrivregError as exc:
         print(f"privreg: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except OSError as exc:  # an output that cannot be written (disk full, permissions) after the checks
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"privreg: error: cannot write output{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print("privreg: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        print("privreg: terminated", file=sys.stderr)
+        return EXIT_SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -63,7 +63,34 @@ def to_sitk(image: Image, dtype: np.dtype | None = None) -> sitk.Image:
     return out
 
 
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def check_image_suffix(path: str | os.PathLike) -> None:
+    """Refuse an output image name whose extension no writer knows (before any work is done)."""
+    name = Path(path).name.lower()
+    if not name.endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"cannot write an image named {Path(path).name!r}: use one of {', '.join(WRITABLE_SUFFIXES)}")
+
+
+def _check_nifti(p: Path) -> None:
+    """SimpleITK reads truncated NIfTI files (padding with zeros) and turns NaN/Inf voxels into 0 on the
+    way; nibabel does neither, so a NIfTI's voxels are checked with nibabel before they are used."""
+    import nibabel as nib
+
+    try:
+        arr = np.asanyarray(nib.load(str(p)).dataobj)
+    except Exception as exc:  # nibabel raises several types for truncated / corrupt files
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read image {p}: {msg}") from None
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        n = int((~np.isfinite(arr)).sum())
+        raise InputError(f"{p} contains NaN or infinite values ({n} of {arr.size} voxels)")
+
+
 def from_sitk(img: sitk.Image) -> Image:
+    if img.GetNumberOfComponentsPerPixel() not in (1, 3, 4):
+        raise InputError(f"expected a scalar (or RGB) image, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
     if img.GetNumberOfComponentsPerPixel() > 1:
         # RGB(A) slices with equal channels (e.g. ITK example PNGs): use luminance.
         n = img.GetNumberOfComponentsPerPixel()
@@ -71,6 +98,8 @@ def from_sitk(img: sitk.Image) -> Image:
         img = chans[0] if len(chans) < 3 else 0.299 * chans[0] + 0.587 * chans[1] + 0.114 * chans[2]
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]  # single-slice volume (e.g. a 2D DICOM) -> 2D
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:  # e.g. a NIfTI with a time axis of length 1
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     if img.GetDimension() not in (2, 3):
         raise InputError(f"only 2D and 3D images are supported, got {img.GetDimension()}D")
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
@@ -86,6 +115,10 @@ def read_image(path: str | os.PathLike) -> Image:
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such file or directory: {p}")
+    if p.is_file() and p.stat().st_size == 0:
+        raise InputError(f"cannot read image {p}: the file is empty")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(p)
     try:
         if p.is_dir():
             reader = sitk.ImageSeriesReader()

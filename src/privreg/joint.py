@@ -47,6 +47,7 @@ class PyramidLevel:
 
     factor: float
     sigma_mm: float
+    max_iter: int = 100
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ which are clear-only and take the fixed image directly.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -21,6 +23,7 @@ from .joint import ClearBackend, FixedSide, JointBackend, PyramidLevel, level_im
 from .objectives import AutogradObjective, JointObjective, MovingLevel, ParamModel
 from .optim import FirstOrderOptions, GNOptions, gauss_newton
 from .optim.first_order import minimize_autograd, register_owner
+from .quality import Assessment, assess
 from .optim.greedy import GreedyOptions, greedy_level, resample_field
 from .sampling import Sampling
 from .transforms import (BSplineTransform, CompositeTransform, DisplacementFieldTransform, LinearTransform,
@@ -28,8 +31,21 @@ from .transforms import (BSplineTransform, CompositeTransform, DisplacementField
 
 LINEAR = ("translation", "rigid", "similarity", "affine")
 NONLINEAR = ("bspline", "displacement", "svf")
+TRANSFORMS = LINEAR + NONLINEAR
 METRICS = ("ssd", "ncc", "lncc", "mi", "mind")
 OPTIMIZERS = ("auto", "gn", "lbfgs", "adam", "gd", "greedy")
+INITS = ("geometry", "com", "moments", "identity")  # com and moments: centre of mass (ITK's MomentsOn)
+REGULARIZERS = ("diffusion", "elastic", "bending", "folding")
+MIN_LEVEL_VOXELS = 1024  # a pyramid level with fewer points is skipped (see RegistrationConfig.pyramid)
+MIN_LEVEL_AXIS = 8
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _resolves(grid: Grid) -> bool:
+    return grid.numel >= MIN_LEVEL_VOXELS and min(grid.size) >= MIN_LEVEL_AXIS
 
 
 @dataclass
@@ -54,50 +70,78 @@ class RegistrationConfig:
     lncc_radius: int = 4  # voxels: LNCC window (2r + 1)^d
     step_vox: float = 1.0  # greedy: largest update per iteration (voxels of the level)
     greedy_sigmas_vox: tuple[float, float] = (1.732, 0.7071)  # greedy: smoothing of each update, of the field
+    restart: bool = True  # clear linear runs: restart once from a coarse rotation/shift that matches better
 
     def validate(self) -> None:
-        if self.transform not in LINEAR + NONLINEAR:
-            raise InputError(f"--transform must be one of {LINEAR + NONLINEAR}, got {self.transform!r}")
-        if self.metric not in METRICS:
-            raise InputError(f"--metric must be one of {METRICS}, got {self.metric!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.init not in ("geometry", "moments", "identity"):
-            raise InputError(f"--init must be geometry, moments or identity, got {self.init!r}")
-        if not self.levels or any(f < 1 for f in self.levels):
-            raise InputError("levels must be shrink factors >= 1")
+        """Check every option (ranges, list lengths); the one place the CLI and the API share.
+
+        Raises:
+            InputError: naming the option as the CLI spells it.
+        """
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise InputError(msg)
+
+        need(self.transform in TRANSFORMS, f"--transform must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
+        need(self.metric in METRICS, f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        need(self.reg_kind in REGULARIZERS, f"--reg must be one of {', '.join(REGULARIZERS)}, got {self.reg_kind!r}")
+        levels = list(self.levels)
+        need(0 < len(levels) <= 12 and all(_finite(f) and 1 <= f <= 4096 for f in levels),
+             "--levels must be 1 to 12 shrink factors between 1 and 4096, coarse to fine (e.g. 4,2,1)")
+        if self.sigmas is not None:
+            need(len(self.sigmas) == len(levels), f"--sigmas needs one value per level ({len(levels)}), got {len(self.sigmas)}")
+            need(all(_finite(s) and s >= 0 for s in self.sigmas), "--sigmas must be >= 0 (mm)")
+        iters = [self.max_iter] if isinstance(self.max_iter, int) else list(self.max_iter)
+        need(len(iters) in (1, len(levels)), f"--iterations needs one number or one per level ({len(levels)}), got {len(iters)}")
+        need(all(isinstance(i, int) and 1 <= i <= 100000 for i in iters), "--iterations must be between 1 and 100000")
+        need(_finite(self.tol_mm) and self.tol_mm >= 0, "--tol must be >= 0 (mm)")
+        need(isinstance(self.bins, int) and 4 <= self.bins <= 512, f"--bins must be between 4 and 512, got {self.bins}")
+        need(_finite(self.grid_spacing) and self.grid_spacing > 0, "--grid-spacing must be > 0 (mm)")
+        need(_finite(self.lr) and self.lr > 0, "learning rate must be > 0")
+        need(self.sampling.seed >= 0, "--seed must be >= 0")
         if self.normalize is None:
             self.normalize = self.metric != "ssd"
         if self.reg_weight is None:
             # SSD: tuned on synthetic fields (benchmarks/bspline_sensitivity.py). MI: on Colin27 -> MNI152,
             # where 3e-3 gave Dice 0.63 with 7 % folding at 4 mm and 1 gave 0.853 vs 0.868 for 3 at 2 mm
             self.reg_weight = (3.0 if self.metric == "mi" else 3e-3) if self.transform == "bspline" and self.uses_seam() else 0.0
-        if self.reg_weight < 0:
-            raise InputError("--reg-weight must be >= 0")
+        need(_finite(self.reg_weight) and self.reg_weight >= 0, "--reg-weight must be >= 0")
         if self.metric in ("lncc", "mind") and self.sampling.mode != "full":
             raise InputError(f"{self.metric} needs full sampling")
-        if self.lncc_radius < 1:
-            raise InputError("--lncc-radius must be >= 1")
+        need(isinstance(self.lncc_radius, int) and 1 <= self.lncc_radius <= 64, "--lncc-radius must be between 1 and 64")
+        need(len(self.greedy_sigmas_vox) == 2 and all(_finite(s) and s >= 0 for s in self.greedy_sigmas_vox),
+             "--greedy-sigmas needs two smoothing sigmas >= 0 (update, field)")
+        need(_finite(self.step_vox) and self.step_vox > 0, "--step must be > 0 (voxels)")
         if self.greedy():
-            if len(self.greedy_sigmas_vox) != 2 or min(self.greedy_sigmas_vox) < 0 or self.step_vox <= 0:
-                raise InputError("greedy needs two smoothing sigmas >= 0 (update, field) and a step > 0")
             if self.transform != "displacement":
                 raise InputError("--optimizer greedy optimises a dense displacement field: use --transform displacement")
             if self.sampling.mode != "full":
                 raise InputError("--optimizer greedy needs full sampling (it moves every voxel)")
 
     def pyramid(self, grid: Grid) -> list[PyramidLevel]:
+        """The levels this fixed grid can use: a level whose grid would have fewer than
+        :data:`MIN_LEVEL_VOXELS` points or :data:`MIN_LEVEL_AXIS` voxels along an axis resolves nothing
+        (Mattes MI needs about 2 bins^2 points) and is skipped, unless no level would remain."""
         sig = self.sigmas
         if sig is None:
             sig = [0.5 * f * min(grid.spacing) if f > 1 else 0.0 for f in self.levels]
         if len(sig) != len(self.levels):
             raise InputError("give one smoothing sigma per level")
-        return [PyramidLevel(float(f), float(s)) for f, s in zip(self.levels, sig)]
+        out = [PyramidLevel(float(f), float(s), self.iterations(i)) for i, (f, s) in enumerate(zip(self.levels, sig))]
+        kept = [lev for lev in out if _resolves(grid.downsample(lev.factor))]
+        if not kept:
+            raise InputError(f"every level of --levels {','.join(f'{f:g}' for f in self.levels)} shrinks the "
+                             f"{'x'.join(map(str, grid.size))} fixed image below {MIN_LEVEL_AXIS} voxels per axis "
+                             f"or {MIN_LEVEL_VOXELS} voxels: use smaller factors (e.g. --levels 1)")
+        return kept
 
     def iterations(self, level: int) -> int:
+        """Iteration cap of level ``level`` of ``levels`` (before too-coarse levels are skipped)."""
         if isinstance(self.max_iter, int):
             return self.max_iter
-        return int(self.max_iter[level])
+        return int(self.max_iter[level] if len(self.max_iter) > 1 else self.max_iter[0])
 
     def uses_seam(self) -> bool:
         opt = self.optimizer
@@ -116,22 +160,45 @@ class RegistrationResult:
     warped: Image
     history: list[dict]
     report: dict
+    verdict: Assessment | None = None  # the plausibility checks (report["status"], report["warnings"])
+
+
+MIN_IMAGE_AXIS = 4  # an image thinner than this along an axis is not a 2D/3D image to register
 
 
 def check_pair(fixed: Image, moving: Image) -> None:
+    """Refuse images that cannot be registered: dimension mismatch, NaN/Inf, constant, too thin."""
     if fixed.ndim != moving.ndim:
         raise InputError(f"fixed image is {fixed.ndim}D but moving image is {moving.ndim}D")
-    fixed.check_finite("fixed image")
-    moving.check_finite("moving image")
-    if float(fixed.data.max() - fixed.data.min()) <= 0:
-        raise InputError("fixed image is constant")
-    if float(moving.data.max() - moving.data.min()) <= 0:
-        raise InputError("moving image is constant")
+    for name, img in (("fixed image", fixed), ("moving image", moving)):
+        img.check_finite(name)
+        if min(img.grid.size) < MIN_IMAGE_AXIS:
+            raise InputError(f"{name} is {'x'.join(map(str, img.grid.size))} voxels: registration needs at least "
+                             f"{MIN_IMAGE_AXIS} voxels along every axis (a 2D image must be stored as 2D)")
+        if float(img.data.max() - img.data.min()) <= 0:
+            raise InputError(f"{name} is constant")
 
 
-def check_mask(mask: Image | None, name: str) -> None:
-    if mask is not None and not bool((mask.data > 0).any()):
+def check_mask(mask: Image | None, name: str, image: Image | None = None) -> None:
+    """A mask must be non-empty, of the image's dimension, and cover part of the image's domain."""
+    if mask is None:
+        return
+    if image is not None and mask.ndim != image.ndim:
+        raise InputError(f"{name} is {mask.ndim}D but the images are {image.ndim}D")
+    mask.check_finite(name)
+    if not bool((mask.data > 0).any()):
         raise InputError(f"{name} is empty")
+    if image is not None and not bool((_level_mask(mask, image.grid).data > 0).any()):
+        raise InputError(f"{name} does not overlap its image in physical space (check its origin and direction)")
+
+
+def check_start_overlap(fixed_grid: Grid, moving: Image, start: Transform) -> None:
+    """The start transform must map part of the fixed domain into the moving image."""
+    from .quality import overlap
+
+    if overlap(fixed_grid, moving, start) < 0.01:
+        raise InputError("the images do not overlap in physical space under the initial transform: use "
+                         "--init geometry (align the image centres) or give --initial-transform")
 
 
 def initial_linear(kind: str, fixed_grid: Grid, moving: Image, fixed: Image | None, how: str,
@@ -143,7 +210,7 @@ def initial_linear(kind: str, fixed_grid: Grid, moving: Image, fixed: Image | No
     t = make_linear(kind, fixed_grid.ndim, center)
     if how == "identity":
         return t
-    if how == "moments" and fixed is not None:
+    if how in ("com", "moments") and fixed is not None:
         shift = _centroid(moving) - _centroid(fixed)
     else:
         shift = moving.grid.center() - fixed_grid.center()
@@ -202,6 +269,8 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
     levels = cfg.pyramid(fixed_grid)
     mov = Image(normalize_intensity(moving.data) if cfg.normalize else moving.data, moving.grid)
     transform = build_transform(cfg, fixed_grid, mov, fixed, initial)
+    start = copy.deepcopy(transform).eval()
+    check_start_overlap(fixed_grid, moving, start)
     register_owner(transform)
     history: list[dict] = []
     level_reports = []
@@ -236,7 +305,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
                            stratify=cfg.sampling.stratified and li == len(levels) - 1)
             tol = cfg.tol_mm * lev.factor
             out = gauss_newton(obj, draw, cfg.sampling.stochastic,
-                               GNOptions(max_iter=cfg.iterations(li), tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
+                               GNOptions(max_iter=lev.max_iter, tol_mm=tol, max_step_mm=4.0 * max(grid.spacing),
                                          secant=cfg.metric == "mi", secant_model=secant_model), log)
             secant_model = out.pop("secant_model", None)
         else:
@@ -246,7 +315,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
                 fm = torch.zeros(grid.numel, dtype=torch.bool)
                 fm[cand] = True
         if not seam and cfg.greedy():
-            transform, out = _greedy_level(transform, grid, mlev, fl, fm, cfg, li, log)
+            transform, out = _greedy_level(transform, grid, mlev, fl, fm, cfg, lev.max_iter, log)
         elif not seam:
             obj = AutogradObjective(cfg.metric, transform, mlev, fl, fm, cfg.bins, cfg.reg_weight, cfg.reg_kind,
                                     cfg.lncc_radius)
@@ -258,7 +327,7 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
                 return obj.loss(idx)
 
             out = minimize_autograd(loss_fn, theta, _param_scales(transform, grid),
-                                    FirstOrderOptions(method=method, max_iter=cfg.iterations(li), lr=cfg.lr), log)
+                                    FirstOrderOptions(method=method, max_iter=lev.max_iter, lr=cfg.lr), log)
         out.update({"level": li, "factor": lev.factor, "sigma_mm": lev.sigma_mm, "grid_size": list(grid.size),
                     "seconds": time.perf_counter() - t0})
         level_reports.append(out)
@@ -271,11 +340,13 @@ def register_with_backend(moving: Image, fixed_grid: Grid, backend: JointBackend
         "wall_seconds": time.perf_counter() - t_start, "cpu_seconds": time.process_time() - cpu0,
         "final_value": level_reports[-1]["final_value"],
     }
-    return RegistrationResult(transform, warped, history, report)
+    verdict = assess(fixed_grid, moving, start, transform.eval(), fixed=fixed, fixed_mask=fixed_mask)
+    report = {**verdict.to_report(), **report}
+    return RegistrationResult(transform, warped, history, report, verdict)
 
 
 def _greedy_level(transform: Transform, grid: Grid, mlev: MovingLevel, fixed: Image, fixed_mask: Tensor | None,
-                  cfg: RegistrationConfig, level: int, log) -> tuple[Transform, dict]:
+                  cfg: RegistrationConfig, max_iter: int, log) -> tuple[Transform, dict]:
     """One level of greedy diffeomorphic registration: the dense field moves onto this level's grid
     (linear interpolation of the previous level's field), then :func:`greedy_level` updates it."""
     parts = list(transform.transforms) if isinstance(transform, CompositeTransform) else [transform]
@@ -295,7 +366,7 @@ def _greedy_level(transform: Transform, grid: Grid, mlev: MovingLevel, fixed: Im
     def value_of(w: Tensor) -> Tensor:
         return obj.metric_value(w.reshape(-1), state["fv"], state["mask"])
 
-    opts = GreedyOptions(max_iter=cfg.iterations(level), step_vox=cfg.step_vox, sigma_update_vox=cfg.greedy_sigmas_vox[0],
+    opts = GreedyOptions(max_iter=max_iter, step_vox=cfg.step_vox, sigma_update_vox=cfg.greedy_sigmas_vox[0],
                          sigma_field_vox=cfg.greedy_sigmas_vox[1])
     u, out = greedy_level(warp, value_of, field.coefficients.detach(), grid, opts, log)
     field.set_theta(u.to(torch.float64))
@@ -355,12 +426,31 @@ def register(fixed: Image, moving: Image, transform: str = "affine", metric: str
         warped onto the fixed grid, the per-iteration history and a report dict.
     """
     check_pair(fixed, moving)
-    check_mask(fixed_mask, "fixed mask")
-    check_mask(moving_mask, "moving mask")
+    check_mask(fixed_mask, "fixed mask", fixed)
+    check_mask(moving_mask, "moving mask", moving)
     cfg = RegistrationConfig(transform=transform, metric=metric, **options)
     cfg.validate()
     levels = cfg.pyramid(fixed.grid)
     fside = FixedSide(fixed, levels, cfg.normalize)
-    backend = ClearBackend(fside)
-    return register_with_backend(moving, fixed.grid, backend, cfg, mask_candidates(fixed_mask, levels, fixed.grid),
-                                 moving_mask, initial, progress, fixed=fside.fixed, fixed_mask=fixed_mask)
+
+    def run(start: Transform | None) -> RegistrationResult:
+        return register_with_backend(moving, fixed.grid, ClearBackend(fside), cfg,
+                                     mask_candidates(fixed_mask, levels, fixed.grid), moving_mask, start, progress,
+                                     fixed=fside.fixed, fixed_mask=fixed_mask)
+
+    res = run(initial)
+    verdict = res.verdict
+    if verdict is not None and verdict.better_start is not None and cfg.transform in LINEAR and cfg.restart:
+        # the result is a local optimum: an unoptimised coarse perturbation of it (a rotation, a shift)
+        # matches better. Run again from there and keep the run that ends better (elastix / ANTs search
+        # over rotations when a registration fails to capture).
+        if progress:
+            progress(f"restarting from the better candidate '{verdict.better_start_name}'")
+        again = run(verdict.better_start)
+        e_old, e_new = res.report["quality"]["ecc"], again.report["quality"]["ecc"]
+        chosen = again if e_new > e_old else res
+        chosen.report["restart"] = {"from": verdict.better_start_name, "ecc_first_run": e_old,
+                                    "ecc_restarted": e_new, "kept": "restarted" if chosen is again else "first run",
+                                    "first_run_iterations": res.report["iterations"]}
+        res = chosen
+    return res
