@@ -77,6 +77,9 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
                    help="linear, clear: do not restart from a coarse rotation / shift that matches better than the result")
     p.add_argument("--allow-failure", action="store_true",
                    help="exit 0 even when the result fails the plausibility checks (report.json still says so)")
+    p.add_argument("--write-inverse", action="store_true",
+                   help="also write the inverse transform (inverse.tfm [+ inverse_warp.nii.gz])")
+    p.add_argument("--write-jacobian", action="store_true", help="also write jacobian.nii.gz, det(dW/dx) on the fixed grid")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the computation (default: all cores)")
     p.add_argument("--quiet", action="store_true")
 
@@ -133,26 +136,8 @@ def _finish(a: argparse.Namespace, report: dict) -> int:
     return EXIT_OK
 
 
-def write_outputs(out: Path, fixed, moving, result, reference_grid) -> None:
-    """transform.tfm|h5, warped.nii.gz, report.json, qc.png (shared by register and secure-register)."""
-    from .image import resample, write_image
-    from .qc import save_qc
-    from .transforms import save_transform
-    from .transforms.itk_io import _split
-
-    _, rest = _split(result.transform)
-    name = "transform.h5" if rest else "transform.tfm"
-    save_transform(result.transform, out / name, reference_grid)
-    write_image(result.warped, out / "warped.nii.gz")
-    before = resample(moving, reference_grid)
-    save_qc(fixed, before, result.warped, out / "qc.png")  # fixed is None for party 1 of a private run
-    report = dict(result.report)
-    report["transform_file"] = name
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-
-
 def cmd_register(a: argparse.Namespace) -> int:
-    from .outputs import atomic_outdir, check_outdir
+    from .outputs import atomic_outdir, check_outdir, write_outputs
     from .register import register
 
     check_outdir(a.outdir)
@@ -160,7 +145,7 @@ def cmd_register(a: argparse.Namespace) -> int:
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     with atomic_outdir(a.outdir) as tmp:
         res = register(fixed, moving, a.transform, a.metric, fmask, mmask, init, progress, **_config_kwargs(a))
-        write_outputs(tmp, fixed, moving, res, fixed.grid)
+        write_outputs(tmp, fixed, moving, res, fixed.grid, a.write_inverse, a.write_jacobian)
     r = res.report
     if not a.quiet:
         word = "done" if r["status"] == "ok" else "finished, FAILED"
@@ -169,20 +154,28 @@ def cmd_register(a: argparse.Namespace) -> int:
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from .image import check_image_suffix, read_image, resample, write_image
     from .outputs import atomic_file, check_file_target
-    from .transforms import load_transform
+    from .transforms.itk_io import load_transforms
 
     check_file_target(a.output)
     check_image_suffix(a.output)
     ref = read_image(a.reference)
     img = read_image(a.image)
-    t = load_transform(a.transform)
+    t = load_transforms(a.transform)
     if t.ndim != ref.ndim or img.ndim != ref.ndim:
         raise InputError("image, reference and transform must have the same dimension")
-    out = resample(img, ref.grid, t, mode="nearest" if a.labels else "bilinear")
+    out = resample(img, ref.grid, t, mode="nearest" if a.labels else "bilinear", default=a.fill)
+    dtype = None
+    if a.labels:  # label maps stay integer
+        lo, hi = float(out.data.min()), float(out.data.max())
+        dtype = np.uint8 if lo >= 0 and hi <= 255 else (np.int16 if -32768 <= lo and hi <= 32767 else np.int32)
+        out = out.with_data(torch.round(out.data))
     with atomic_file(a.output) as tmp:
-        write_image(out, tmp, dtype=None)
+        write_image(out, tmp, dtype=dtype)
     return 0
 
 
@@ -193,6 +186,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     if not (a.labels or a.images or a.transform):
         raise InputError("evaluate needs --labels, --images or --transform")
+    if a.landmarks and not a.transform:
+        raise InputError("--landmarks needs --transform (the transform whose target registration error to measure)")
     if a.transform and not a.reference:
         raise InputError("--transform needs --reference IMAGE (the grid on which to evaluate it)")
     if a.transform2 and not a.transform:
@@ -224,6 +219,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if any(x is not None and x.ndim != ref.ndim for x in (t, t2)):
             raise InputError("--transform, --transform2 and --reference must have the same dimension")
         out["jacobian"] = ev.jacobian_stats(t, ref.grid)
+        if a.landmarks:
+            from .landmarks import read_points
+
+            pf, pm = read_points(a.landmarks[0], ref.grid), read_points(a.landmarks[1], ref.grid)
+            if pf.shape != pm.shape:
+                raise InputError(f"the landmark files hold {pf.shape[0]} and {pm.shape[0]} points: they must pair up")
+            err = ev.tre(t, pf, pm)
+            out["tre_mm"] = {"mean": float(err.mean()), "std": float(err.std()) if err.numel() > 1 else 0.0,
+                             "max": float(err.max()), "per_point": err.tolist()}
         if t2 is not None:
             out["displacement_rmse_mm"] = ev.displacement_rmse(t, t2, ref.grid)
     text = json.dumps(out, indent=2, default=float)
@@ -239,7 +243,7 @@ def _run_moving_party(a: argparse.Namespace, peers):
 
     ``peers`` is a context manager yielding {"fixed", "dealer", "pki"} (addresses and certificates)."""
     from .image import read_image
-    from .outputs import atomic_outdir
+    from .outputs import atomic_outdir, write_outputs
     from .register import RegistrationConfig
     from .secure.parties import run_moving_party
     from .secure.session import check_secure_config
@@ -257,7 +261,7 @@ def _run_moving_party(a: argparse.Namespace, peers):
     with atomic_outdir(a.outdir) as tmp, peers as p:
         res, grid = run_moving_party(moving, p["fixed"], p.get("dealer"), p["pki"], cfg, a.timeout,
                                      a.reveal_gms_indices, progress, protocol=a.protocol)
-        write_outputs(tmp, None, moving, res, grid)
+        write_outputs(tmp, None, moving, res, grid, a.write_inverse, a.write_jacobian)
     return res
 
 
@@ -331,15 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("apply", help="warp an image or label map with a saved transform")
     ap.add_argument("image")
     ap.add_argument("reference", help="image whose grid the output takes (the fixed image)")
-    ap.add_argument("transform")
+    ap.add_argument("transform", nargs="+",
+                    help="ITK transform files (.tfm, .txt, .mat, .h5: linear, B-spline, composite) or displacement-field "
+                         "images (ANTs Warp.nii.gz), in ANTs -t order: the last one is applied to points first")
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation for label maps")
+    ap.add_argument("--labels", action="store_true", help="label map: nearest neighbour, written as integers")
+    ap.add_argument("--fill", type=float, default=0.0, help="value outside the image")
     ap.set_defaults(func=cmd_apply)
     e = sub.add_parser("evaluate", help="overlap, surface distances, image similarity, Jacobian statistics")
     e.add_argument("--labels", nargs=2, metavar=("FIXED_LABELS", "WARPED_LABELS"))
     e.add_argument("--images", nargs=2, metavar=("FIXED", "WARPED"))
     e.add_argument("--transform", help="transform whose Jacobian to analyse (needs --reference)")
     e.add_argument("--transform2", help="second transform: displacement RMSE against --transform")
+    e.add_argument("--landmarks", nargs=2, metavar=("FIXED_POINTS", "MOVING_POINTS"),
+                   help="target registration error of --transform: elastix point files or CSV, world mm (LPS)")
     e.add_argument("--reference", help="reference image (grid) for transform statistics")
     e.add_argument("-o", "--output")
     e.set_defaults(func=cmd_evaluate)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import write_outputs
 from .evaluate import mean_displacement_error
 from .image import Image, read_image, resample, smooth
-from .outputs import atomic_outdir
+from .outputs import atomic_outdir, write_outputs
 from .register import register
 from .transforms import AffineTransform, BSplineTransform
 

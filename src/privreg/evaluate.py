@@ -75,6 +75,13 @@ def tre(transform: Transform, fixed_points: Tensor, moving_points: Tensor) -> Te
         return torch.linalg.norm(transform(fixed_points.to(torch.float64)).to(torch.float64) - moving_points.to(torch.float64), dim=1)
 
 
+def jacobian_map(transform: Transform, grid: Grid) -> Tensor:
+    """det(dW/dx) of ``transform`` at every voxel of ``grid`` (grid.shape); <= 0 where it folds."""
+    with torch.no_grad():
+        disp = transform.displacement(grid).to(torch.float64)
+    return jacobian_determinant(field_image(disp, grid), grid.spacing, grid.direction_matrix())
+
+
 def jacobian_stats(transform: Transform, grid: Grid, mask: Tensor | None = None) -> dict[str, float]:
     """Statistics of det(dW/dx) on ``grid``; folding = % of voxels with det <= 0."""
     with torch.no_grad():

@@ -140,6 +140,49 @@ def read_image(path: str | os.PathLike) -> Image:
     return image.check_finite(str(p))
 
 
+def from_nibabel(img) -> Image:
+    """A nibabel image (RAS affine) as an :class:`Image` (ITK's LPS world: x and y flipped)."""
+    arr = np.asanyarray(img.dataobj).astype(np.float32)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
+    d = 2 if arr.ndim == 3 and arr.shape[2] == 1 else arr.ndim
+    if d not in (2, 3) or arr.ndim > 3:
+        raise InputError(f"only 2D and 3D scalar images are supported, got shape {arr.shape}")
+    if d == 2:
+        arr = arr[:, :, 0]
+    m = aff[:d, :d]
+    spacing = np.linalg.norm(m, axis=0)
+    direction = m / spacing
+    return Image(torch.from_numpy(np.ascontiguousarray(arr.T)), Grid(arr.shape, tuple(spacing), tuple(aff[:d, 3]),
+                                                                     tuple(direction.reshape(-1))))
+
+
+def as_image(obj, name: str = "image") -> Image:
+    """An :class:`Image` from what users hold: an Image, a path, a SimpleITK image, a nibabel image, or
+    ``(array or tensor in (z, y, x) order, Grid)``; a bare array gets a unit grid (spacing 1 mm, origin 0)."""
+    if isinstance(obj, Image):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return read_image(obj)
+    if isinstance(obj, sitk.Image):
+        return from_sitk(obj).check_finite(name)
+    if hasattr(obj, "affine") and hasattr(obj, "dataobj"):
+        return from_nibabel(obj).check_finite(name)
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], Grid):
+        data = torch.as_tensor(np.asarray(obj[0]) if not isinstance(obj[0], Tensor) else obj[0]).to(torch.float32)
+        try:
+            return Image(data, obj[1]).check_finite(name)
+        except ValueError as exc:
+            raise InputError(f"{name}: {exc}") from None
+    if isinstance(obj, (np.ndarray, Tensor)):
+        data = torch.as_tensor(obj).to(torch.float32)
+        if data.ndim not in (2, 3):
+            raise InputError(f"{name} must be a 2D or 3D array, got shape {tuple(data.shape)}")
+        return Image(data, Grid(tuple(reversed(data.shape)))).check_finite(name)
+    raise InputError(f"{name}: expected a path, a privreg/SimpleITK/nibabel image or (array, Grid), got {type(obj).__name__}")
+
+
 def _dicom_tag(path: str, tag: str) -> str:
     try:
         r = sitk.ImageFileReader()

@@ -15,6 +15,53 @@ from .transforms import AffineTransform, Transform
 F64 = torch.float64
 
 
+def read_points(path, grid=None) -> Tensor:
+    """Points (N, d) in world mm (ITK's LPS) from a landmark file.
+
+    Formats: elastix / transformix point files (first line ``point`` or ``index``, second the count,
+    then one point per line; ``index`` needs ``grid`` to convert voxel indices to mm); CSV or
+    whitespace-separated text with one point per row (a header row of names is skipped; ANTs' CSV
+    columns ``x,y,z[,t,label]`` keep their first d columns given by ``grid``'s dimension, or 3).
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such landmark file: {p}")
+    lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise InputError(f"landmark file {p} is empty")
+    kind = lines[0].lower()
+    index = kind == "index"
+    if kind in ("point", "index"):
+        lines = lines[2:]
+    elif not _numeric(lines[0]):
+        lines = lines[1:]  # a CSV header
+    try:
+        rows = [[float(v) for v in ln.replace(",", " ").split()] for ln in lines]
+    except ValueError:
+        raise InputError(f"landmark file {p} has a row that is not numbers") from None
+    if not rows:
+        raise InputError(f"landmark file {p} has no points")
+    d = grid.ndim if grid is not None else min(3, len(rows[0]))
+    if any(len(r) < d for r in rows):
+        raise InputError(f"landmark file {p}: every row needs {d} coordinates")
+    pts = torch.tensor([r[:d] for r in rows], dtype=F64)
+    if index:
+        if grid is None:
+            raise InputError(f"{p} holds voxel indices: give the image they refer to (--reference)")
+        pts = grid.index_to_world(pts)
+    return pts
+
+
+def _numeric(line: str) -> bool:
+    try:
+        [float(v) for v in line.replace(",", " ").split()]
+        return True
+    except ValueError:
+        return False
+
+
 def _check(fixed: Tensor, moving: Tensor, minimum: int) -> tuple[Tensor, Tensor]:
     f, m = torch.as_tensor(fixed, dtype=F64), torch.as_tensor(moving, dtype=F64)
     if f.shape != m.shape or f.dim() != 2 or f.shape[1] not in (2, 3):

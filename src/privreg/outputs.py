@@ -62,6 +62,9 @@ def atomic_outdir(outdir: str | os.PathLike) -> Iterator[Path]:
     parent = out.absolute().parent
     _mkdir(parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary folder
     try:
         yield tmp
         if not out.exists():
@@ -89,3 +92,55 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_outputs(out: Path, fixed, moving, result, reference_grid, inverse: bool = False,
+                  jacobian: bool = False) -> None:
+    """A registration's files in ``out``: the transform, ``warped.nii.gz``, ``report.json``, ``qc.png``.
+
+    Transform files (ITK / ANTs, listed in ``report["transform_files"]`` in ANTs' ``-t`` order, the last
+    applied to points first): ``transform.tfm`` for a linear result; ``transform.h5`` (affine + the
+    B-spline's coefficients) for a B-spline; ``transform.tfm`` + ``warp.nii.gz`` (float32, compressed
+    displacement field on the fixed grid) for a dense field. ``inverse``: the inverse transform too
+    (``inverse.tfm`` [+ ``inverse_warp.nii.gz``]); ``jacobian``: ``jacobian.nii.gz``, det(dW/dx) on
+    the fixed grid. ``fixed`` is None for party 1 of a private run (its QC shows the moving image only).
+    """
+    import json
+
+    from .evaluate import jacobian_map
+    from .image import Image, resample, write_image
+    from .qc import save_qc
+    from .transforms import BSplineTransform, CompositeTransform, save_transform
+    import SimpleITK as sitk
+
+    from .transforms.itk_io import _split, compose_linear, field_image_sitk, inverse_parts, save_field
+
+    t = result.transform
+    lin, rest = _split(t)
+    if not rest:
+        files = ["transform.tfm"]
+        save_transform(t, out / "transform.tfm")
+    elif len(rest) == 1 and isinstance(rest[0], BSplineTransform):
+        files = ["transform.h5"]
+        save_transform(t, out / "transform.h5", reference_grid)
+    else:
+        files = ["transform.tfm", "warp.nii.gz"]
+        save_transform(compose_linear(lin, t.ndim), out / "transform.tfm")
+        save_field(rest[0] if len(rest) == 1 else CompositeTransform(rest), out / "warp.nii.gz", reference_grid)
+    report = dict(result.report)
+    if inverse:
+        inv_a, inv_u = inverse_parts(t, reference_grid)
+        save_transform(inv_a, out / "inverse.tfm")
+        report["inverse_files"] = ["inverse.tfm"]
+        if inv_u is not None:
+            sitk.WriteImage(field_image_sitk(inv_u, reference_grid), str(out / "inverse_warp.nii.gz"),
+                            useCompression=True)
+            report["inverse_files"] = ["inverse_warp.nii.gz", "inverse.tfm"]
+    if jacobian:
+        write_image(Image(jacobian_map(t, reference_grid).float(), reference_grid), out / "jacobian.nii.gz")
+    write_image(result.warped, out / "warped.nii.gz")
+    before = resample(moving, reference_grid)
+    save_qc(fixed, before, result.warped, out / "qc.png")
+    report["transform_file"] = files[0]
+    report["transform_files"] = files
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .grid import Grid
-from .image import Image, normalize_intensity, resample
+from .image import Image, as_image, normalize_intensity, resample
 from .joint import ClearBackend, FixedSide, JointBackend, PyramidLevel, level_image
 from .objectives import AutogradObjective, JointObjective, MovingLevel, ParamModel
 from .optim import FirstOrderOptions, GNOptions, gauss_newton
@@ -411,13 +412,15 @@ def mask_candidates(fixed_mask: Image | None, cfg_levels: list[PyramidLevel], fi
     return cand
 
 
-def register(fixed: Image, moving: Image, transform: str = "affine", metric: str = "ssd",
-             fixed_mask: Image | None = None, moving_mask: Image | None = None,
-             initial: Transform | None = None, progress: Callable[[str], None] | None = None,
-             **options) -> RegistrationResult:
+def register(fixed, moving, transform: str = "affine", metric: str = "ssd",
+             fixed_mask=None, moving_mask=None, initial: Transform | str | None = None,
+             progress: Callable[[str], None] | None = None, **options) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` in the clear (ANTsPy-like convenience API).
 
     Args:
+        fixed, moving, fixed_mask, moving_mask: an :class:`Image`, a path, a SimpleITK or nibabel image,
+            or ``(array in (z, y, x) order, Grid)`` (see :func:`privreg.image.as_image`).
+        initial: a transform or an ITK transform file to start from.
         transform: translation | rigid | similarity | affine | bspline | displacement | svf.
         metric: ssd | ncc | lncc | mi | mind.
         options: any :class:`RegistrationConfig` field (levels, optimizer, sampling, ...).
@@ -425,6 +428,15 @@ def register(fixed: Image, moving: Image, transform: str = "affine", metric: str
         :class:`RegistrationResult` with the transform (fixed -> moving points), the moving image
         warped onto the fixed grid, the per-iteration history and a report dict.
     """
+    fixed, moving = as_image(fixed, "fixed image"), as_image(moving, "moving image")
+    fixed_mask = None if fixed_mask is None else as_image(fixed_mask, "fixed mask")
+    moving_mask = None if moving_mask is None else as_image(moving_mask, "moving mask")
+    if isinstance(initial, (str, os.PathLike)):
+        from .transforms import load_transform
+
+        initial = load_transform(initial)
+    if initial is not None and initial.ndim != fixed.ndim:
+        raise InputError(f"the initial transform is {initial.ndim}D but the images are {fixed.ndim}D")
     check_pair(fixed, moving)
     check_mask(fixed_mask, "fixed mask", fixed)
     check_mask(moving_mask, "moving mask", moving)

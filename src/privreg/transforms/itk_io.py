@@ -1,5 +1,11 @@
-"""ITK transform files: linear -> ``.tfm`` (AffineTransform), non-linear -> composite ``.h5``
-(affine + displacement field sampled on the fixed grid), readable by SimpleITK, ITK and ANTs.
+"""ITK transform files, readable by SimpleITK, ITK and ANTs.
+
+* linear -> ``.tfm`` (AffineTransform);
+* cubic B-spline (after an optional linear part) -> composite ``.h5`` holding the affine and an ITK
+  ``BSplineTransform`` with the control-point coefficients (exact, a few kB);
+* any other non-linear transform -> composite ``.h5`` (affine + float64 displacement field), or, as
+  privreg's outputs write it, a displacement-field image ``.nii.gz`` (float32 vectors in world mm,
+  gzip-compressed: ANTs' ``Warp.nii.gz`` convention) beside the linear part's ``.tfm``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from ..grid import Grid
 from .base import Transform
 from .composite import CompositeTransform
 from .linear import AffineTransform, LinearTransform
-from .spline import DisplacementFieldTransform, StationaryVelocityTransform
+from .spline import BSplineTransform, DisplacementFieldTransform, StationaryVelocityTransform
+
+FIELD_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")  # displacement-field images (ANTs Warp.nii.gz)
 
 F64 = torch.float64
 
@@ -38,6 +46,75 @@ def field_to_sitk(disp: torch.Tensor, grid: Grid) -> sitk.DisplacementFieldTrans
     img.SetOrigin(grid.origin)
     img.SetDirection(grid.direction)
     return sitk.DisplacementFieldTransform(img)
+
+
+def bspline_to_sitk(t: BSplineTransform) -> sitk.BSplineTransform:
+    """privreg's control grid is ITK's (m + 3 nodes, the first one spacing before the domain), padded
+    with one node of zero coefficients on every side: ITK returns points outside its "valid region"
+    unmoved, and on an oblique grid rounding put the domain's own edge points outside it (1.5 mm off);
+    the zero nodes add nothing inside the domain and make ITK agree with privreg a cell beyond it."""
+    c = t.ctrl
+    d = c.ndim
+    coef = np.pad(t.coefficients.detach().to(F64).reshape(c.shape + (d,)).numpy(), [(1, 1)] * d + [(0, 0)])
+    origin = torch.tensor(c.origin, dtype=F64) - c.direction_matrix() @ torch.tensor(c.spacing, dtype=F64)
+    g = Grid(tuple(s + 2 for s in c.size), c.spacing, tuple(origin.tolist()), c.direction)
+    images = []
+    for k in range(g.ndim):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(coef[..., k]))
+        img.SetSpacing(g.spacing)
+        img.SetOrigin(g.origin)
+        img.SetDirection(g.direction)
+        images.append(img)
+    return sitk.BSplineTransform(images, 3)
+
+
+def field_image_sitk(disp: torch.Tensor, grid: Grid, dtype=np.float32) -> sitk.Image:
+    """Displacement (N, d) on ``grid`` -> vector image of world-mm displacements (ITK / ANTs)."""
+    arr = disp.detach().to(F64).reshape(grid.shape + (grid.ndim,)).numpy().astype(dtype)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection(grid.direction)
+    return img
+
+
+def dense_displacement(inner: Transform, reference: Grid) -> torch.Tensor:
+    """(N, d) displacement of a non-linear transform on ``reference`` (its own field when it lives there)."""
+    with torch.no_grad():
+        if isinstance(inner, DisplacementFieldTransform) and inner.ctrl.same_as(reference):
+            return inner.coefficients.detach()
+        if isinstance(inner, StationaryVelocityTransform) and inner.field_grid.same_as(reference):
+            return inner.field_displacement()
+        return inner.transform_grid(reference).to(F64) - reference.points(F64)
+
+
+def save_field(inner: Transform, path: str | os.PathLike, reference: Grid) -> None:
+    """Write a non-linear transform as a float32, compressed displacement-field image."""
+    sitk.WriteImage(field_image_sitk(dense_displacement(inner, reference), reference), str(path), useCompression=True)
+
+
+def invert_field(disp: torch.Tensor, grid: Grid, iterations: int = 30) -> torch.Tensor:
+    """Inverse of x -> x + u(x) on ``grid`` by fixed-point iteration v(y) = -u(y + v(y)) (as ITK's
+    InvertDisplacementFieldImageFilter); (N, d) world mm. Exact where the field does not fold."""
+    from ..basis import spline_basis_points
+
+    pts = grid.points(F64)
+    u = disp.detach().to(F64)
+    v = -u.clone()
+    for _ in range(iterations):
+        v = -spline_basis_points(grid, pts + v, 1).apply(u)
+    return v
+
+
+def inverse_parts(transform: Transform, reference: Grid) -> tuple[AffineTransform, torch.Tensor | None]:
+    """W = A o D (D non-linear, on the fixed grid) -> (A^-1, displacement of D^-1 on ``reference``)."""
+    lin, rest = _split(transform)
+    affine = compose_linear(lin, transform.ndim)
+    inv_a = AffineTransform.from_homogeneous(torch.linalg.inv(affine.homogeneous().detach()), affine.center)
+    if not rest:
+        return inv_a, None
+    inner = rest[0] if len(rest) == 1 else CompositeTransform(rest)
+    return inv_a, invert_field(dense_displacement(inner, reference), reference)
 
 
 def _split(transform: Transform) -> tuple[list[LinearTransform], list[Transform]]:
@@ -65,16 +142,12 @@ def to_sitk_transform(transform: Transform, reference: Grid | None = None) -> si
     if reference is None:
         raise ValueError("exporting a non-linear transform needs the reference (fixed) grid")
     inner = rest[0] if len(rest) == 1 else CompositeTransform(rest)
-    with torch.no_grad():
-        if isinstance(inner, (DisplacementFieldTransform,)) and inner.ctrl.same_as(reference):
-            disp = inner.coefficients.detach()
-        elif isinstance(inner, StationaryVelocityTransform) and inner.field_grid.same_as(reference):
-            disp = inner.field_displacement()
-        else:
-            disp = inner.transform_grid(reference).to(F64) - reference.points(F64)
     comp = sitk.CompositeTransform(transform.ndim)
     comp.AddTransform(linear_to_sitk(affine))
-    comp.AddTransform(field_to_sitk(disp, reference))
+    if isinstance(inner, BSplineTransform):
+        comp.AddTransform(bspline_to_sitk(inner))
+    else:
+        comp.AddTransform(field_to_sitk(dense_displacement(inner, reference), reference))
     return comp
 
 
@@ -93,6 +166,14 @@ def from_sitk_transform(st: sitk.Transform) -> Transform:
         comp = sitk.CompositeTransform(st)
         parts = [from_sitk_transform(comp.GetNthTransform(i)) for i in range(comp.GetNumberOfTransforms())]
         return parts[0] if len(parts) == 1 else CompositeTransform(parts)
+    if name == "BSplineTransform":
+        bst = sitk.BSplineTransform(st)
+        if bst.GetOrder() != 3:
+            raise InputError(f"only cubic B-spline transforms are supported, got order {bst.GetOrder()}")
+        imgs = bst.GetCoefficientImages()
+        g = Grid(imgs[0].GetSize(), imgs[0].GetSpacing(), imgs[0].GetOrigin(), imgs[0].GetDirection())
+        coef = np.stack([sitk.GetArrayFromImage(im).reshape(-1) for im in imgs], axis=1)
+        return BSplineTransform(g, torch.from_numpy(coef.astype(np.float64)))
     if name == "DisplacementFieldTransform":
         dft = sitk.DisplacementFieldTransform(st)
         img = dft.GetDisplacementField()
@@ -114,10 +195,40 @@ def from_sitk_transform(st: sitk.Transform) -> Transform:
                            torch.tensor(aff.GetTranslation(), dtype=F64), torch.tensor(aff.GetCenter(), dtype=F64))
 
 
+def load_field(path: Path) -> DisplacementFieldTransform:
+    """A displacement-field image (ITK / ANTs ``Warp.nii.gz``: d-vector voxels, world mm)."""
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read displacement field {path}: {str(exc).strip().splitlines()[-1]}") from None
+    if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    d = img.GetDimension()
+    if d not in (2, 3) or img.GetNumberOfComponentsPerPixel() != d:
+        raise InputError(f"{path} is not a displacement field: a {d}D image needs {d} components per voxel, "
+                         f"has {img.GetNumberOfComponentsPerPixel()}")
+    grid = Grid(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    arr = torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float64)).reshape(-1, d)
+    if not torch.isfinite(arr).all():
+        raise InputError(f"displacement field {path} contains NaN or infinite values")
+    return DisplacementFieldTransform(grid, arr)
+
+
+def load_transforms(paths: list[str | os.PathLike]) -> Transform:
+    """Several transform files in ITK / ANTs order (the last listed is applied to points first), as one."""
+    parts = [load_transform(p) for p in paths]
+    if len({t.ndim for t in parts}) > 1:
+        raise InputError("the transforms have different dimensions")
+    return parts[0] if len(parts) == 1 else CompositeTransform(parts)
+
+
 def load_transform(path: str | os.PathLike) -> Transform:
+    """Read an ITK transform file (.tfm/.txt/.mat/.h5) or a displacement-field image (.nii.gz, ...)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"no such transform file: {p}")
+    if p.name.lower().endswith(FIELD_SUFFIXES):
+        return load_field(p)
     try:
         st = sitk.ReadTransform(str(p))
     except RuntimeError as exc:
