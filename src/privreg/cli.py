@@ -44,6 +44,7 @@ def _numbers(kind: type):
 
 def _add_register_options(p: argparse.ArgumentParser) -> None:
     from .register import INITS, METRICS, OPTIMIZERS, REGULARIZERS, TRANSFORMS
+    from .sampling import AUTO_MAX_POINTS, MODES
 
     p.add_argument("--transform", default="affine", choices=TRANSFORMS)
     p.add_argument("--metric", default="ssd", choices=METRICS)
@@ -53,8 +54,12 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigmas", type=_numbers(float), default=None, help="smoothing sigma per level in mm (default 0.5*factor*spacing)")
     p.add_argument("--iterations", type=_numbers(int), default="100", help="max iterations, one number or one per level")
     p.add_argument("--tol", type=float, default=1e-3, help="stop when a step moves points less than this (mm RMS)")
-    p.add_argument("--sampling", default="full", choices=["full", "urs", "gms"])
-    p.add_argument("--sampling-fraction", type=float, default=0.1)
+    p.add_argument("--sampling", default="auto", choices=MODES,
+                   help="auto: every point on levels up to --max-points, a fixed random subset of that many on larger "
+                        "ones (SSD/MI Gauss-Newton; other metrics use every point); urs: random, redrawn every iteration; "
+                        "gms: by gradient magnitude")
+    p.add_argument("--sampling-fraction", type=float, default=0.1, help="urs/gms: fraction of the points per draw")
+    p.add_argument("--max-points", type=int, default=AUTO_MAX_POINTS, help="auto: points per level at most")
     p.add_argument("--flat-rate", type=float, default=1.0,
                    help="URS, finest level: relative rate of points in flat moving background (< 1: stratified, "
                         "weighted back; clear only)")
@@ -103,7 +108,7 @@ def _config_kwargs(a: argparse.Namespace) -> dict:
         optimizer=a.optimizer, levels=levels,
         sigmas=a.sigmas,
         max_iter=iters[0] if len(iters) == 1 else iters, tol_mm=a.tol,
-        sampling=Sampling(a.sampling, a.sampling_fraction, a.seed, flat_rate=a.flat_rate), bins=a.bins, grid_spacing=a.grid_spacing,
+        sampling=Sampling(a.sampling, a.sampling_fraction, a.seed, flat_rate=a.flat_rate, max_points=a.max_points), bins=a.bins, grid_spacing=a.grid_spacing,
         reg_weight=a.reg_weight, reg_kind=a.reg, init=a.init, lncc_radius=a.lncc_radius, step_vox=a.step,
         greedy_sigmas_vox=a.greedy_sigmas, restart=a.restart,
     )

@@ -98,19 +98,28 @@ def ecc(a: Tensor, b: Tensor, bins: int = _BINS) -> float:
     return 0.0 if ha + hb <= 0 else max(0.0, 2.0 * (ha + hb - hab) / (ha + hb))
 
 
+def _points(grid: Grid, idx: Tensor) -> Tensor:
+    """World points (N, d) of the grid's flat (C-order) indices ``idx``, without the whole grid's points."""
+    ijk, rest = [], idx
+    for n in grid.size:  # x varies fastest in C order of shape (z, y, x)
+        ijk.append(rest % n)
+        rest = rest // n
+    return grid.index_to_world(torch.stack(ijk, 1).to(torch.float64))
+
+
 def _warped_values(fixed: Image, moving: Image, t: Transform, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pts = fixed.grid.points(torch.float64)[idx]
+    pts = _points(fixed.grid, idx)
     with torch.no_grad():
         mp = t(pts).to(torch.float64)
-    mv, inside = sample(moving.data.to(torch.float64), moving.grid, mp)
-    return fixed.data.reshape(-1)[idx].double(), mv, inside
+    mv, inside = sample(moving.data, moving.grid, mp.to(moving.data.dtype))  # float32: binned into 32 bins
+    return fixed.data.reshape(-1)[idx].double(), mv.double(), inside
 
 
 def overlap(fixed_grid: Grid, moving: Image, t: Transform, idx: Tensor | None = None) -> float:
     """Fraction of the fixed grid's points (or of ``idx``) that ``t`` maps inside the moving image's domain."""
     if idx is None:
         idx = _subsample(fixed_grid, None)
-    pts = fixed_grid.points(torch.float64)[idx]
+    pts = _points(fixed_grid, idx)
     with torch.no_grad():
         mp = t(pts).to(torch.float64)
     idx_m = moving.grid.world_to_index(mp)
@@ -150,7 +159,7 @@ def assess(fixed_grid: Grid, moving: Image, start: Transform, final: Transform, 
         a.warnings.append(f"the result maps only {100 * ov1:.0f}% of the fixed image inside the moving image "
                           f"({100 * ov0:.0f}% at the start): the images were pushed apart; check that they "
                           "show the same anatomy, try --init moments or a fixed mask")
-    pts = fixed_grid.points(torch.float64)[idx]
+    pts = _points(fixed_grid, idx)
     with torch.no_grad():
         d = torch.linalg.norm(final(pts).double() - start(pts).double(), dim=1)
     diag = math.sqrt(sum(e * e for e in fixed_grid.extent()))

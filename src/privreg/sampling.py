@@ -20,12 +20,13 @@ from torch import Tensor
 
 from .errors import InputError
 
-MODES = ("full", "urs", "gms")
+MODES = ("auto", "full", "urs", "gms")
+AUTO_MAX_POINTS = 131072  # "auto": levels with more candidates use a fixed URS subset of this many
 
 
 @dataclass(frozen=True)
 class Sampling:
-    mode: str = "full"
+    mode: str = "full"  # auto: full on levels up to max_points candidates, else a fixed URS subset of max_points
     fraction: float = 0.1
     seed: int = 0
     redraw: bool = True  # False: draw once per level and keep the points (deterministic cost, LM steps)
@@ -33,6 +34,7 @@ class Sampling:
     # coarse level let the quasi-Newton search converge to that sample's own optimum, 2.5 mm off)
     min_points: int = 16
     flat_rate: float = 1.0  # URS, finest level: rate of "flat" points relative to the rest (draw_stratified)
+    max_points: int = AUTO_MAX_POINTS  # auto: the subset's size on large levels
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -43,10 +45,19 @@ class Sampling:
             raise InputError(f"sampling flat_rate must be in (0, 1], got {self.flat_rate}")
         if self.flat_rate < 1 and self.mode != "urs":
             raise InputError("flat_rate < 1 (stratified sampling) applies to URS only")
+        if self.max_points < 16:
+            raise InputError(f"sampling max_points must be >= 16, got {self.max_points}")
 
     def count(self, candidates: int) -> int:
-        """How many of ``candidates`` points a draw takes: ``fraction`` of them, at least ``min_points``."""
+        """How many of ``candidates`` points a draw takes: ``fraction`` of them, at least ``min_points``
+        (auto: all of them, at most ``max_points``)."""
+        if self.mode == "auto":
+            return min(candidates, self.max_points)
         return min(candidates, max(self.min_points, int(round(self.fraction * candidates))))
+
+    def takes_all(self, candidates: int) -> bool:
+        """Whether a level with ``candidates`` points uses every one of them (no draw)."""
+        return self.mode == "full" or (self.mode == "auto" and candidates <= self.max_points)
 
     @property
     def stratified(self) -> bool:
@@ -54,7 +65,7 @@ class Sampling:
 
     @property
     def stochastic(self) -> bool:
-        return self.mode != "full" and self.redraw
+        return self.mode in ("urs", "gms") and self.redraw
 
     def generator(self, level: int, iteration: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.seed * 1_000_003 + level * 10_007 + iteration) % (2**63))
@@ -69,8 +80,8 @@ class Sampling:
         if self.mode == "full":
             return candidates
         n = self.count(candidates.numel())
-        gen = self.generator(level, iteration if self.redraw else 0)
-        if self.mode == "urs":
+        gen = self.generator(level, iteration if self.stochastic else 0)
+        if self.mode in ("urs", "auto"):
             pick = torch.randperm(candidates.numel(), generator=gen)[:n]
         else:
             if weights is None:
@@ -91,7 +102,7 @@ class Sampling:
         changes: a brain at 2 mm has 72 % background voxels. The strata are party 1's own data
         (moving image and transform), so the sample is too (as GMS's)."""
         total = self.count(candidates.numel())
-        gen = self.generator(level, iteration if self.redraw else 0)
+        gen = self.generator(level, iteration if self.stochastic else 0)
         strata = [candidates[informative], candidates[~informative]]
         sizes = [c.numel() for c in strata]
         rate = total / max(sizes[0] + self.flat_rate * sizes[1], 1.0)
