@@ -178,6 +178,9 @@ def assess(fixed_grid: Grid, moving: Image, start: Transform, final: Transform, 
         if float(sv.min()) < lo or float(sv.max()) > hi:
             a.warnings.append(f"the linear part scales by {float(sv.min()):.2f} to {float(sv.max()):.2f} along its axes "
                               f"(plausible: {lo} to {hi}): implausible; try --transform rigid first, or a mask")
+    if _dense(final) and float(d.max()) == 0.0:
+        a.warnings.append("the deformable stage did not move at all (every step was rejected): the result is its "
+                          "start; try a coarser --grid-spacing, --metric mi or more regularisation")
     if _dense(final):
         from .evaluate import jacobian_stats
 
