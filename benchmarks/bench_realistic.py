@@ -160,8 +160,7 @@ PEER_SCRIPT = {
             reg.SetInitialTransform(init, inPlace=False)
         else:
             mesh = [max(1, int(sz * sp / 50.0)) for sz, sp in zip(f.GetSize(), f.GetSpacing())]
-            reg.SetInitialTransformAsBSpline(sitk.BSplineTransformInitializer(f, mesh, order=3), inPlace=False,
-                                             scaleFactors=[1, 2, 4])
+            reg.SetInitialTransform(sitk.BSplineTransformInitializer(f, mesh, order=3), inPlace=False)
             reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=100)
         tx = reg.Execute(f, m)
         u = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, f.GetSize(), f.GetOrigin(),
@@ -319,7 +318,7 @@ def main() -> int:
     ap.add_argument("--peers", default="sitk,elastix,ants")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_realistic"))
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # peers chdir into their folders
     files = prepare(out / "data")
     results: dict = {}
     for name in args.cases.split(","):
