@@ -242,6 +242,10 @@ def build_transform(cfg: RegistrationConfig, fixed_grid: Grid, moving: Image, fi
     outer: list[Transform] = []
     if initial is not None:
         outer = list(initial.transforms) if isinstance(initial, CompositeTransform) else [initial]
+    elif cfg.init != "identity":  # non-linear transforms start from the same centring as linear ones
+        shift = initial_linear("translation", fixed_grid, moving, fixed, cfg.init, None)
+        if float(shift.theta.detach().abs().max()) > 1e-9:
+            outer = [shift]
     if cfg.transform == "bspline":
         inner: Transform = BSplineTransform.for_domain(fixed_grid, cfg.grid_spacing)
     else:
