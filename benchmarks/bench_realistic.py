@@ -54,6 +54,17 @@ def _resample_to(img: sitk.Image, size, spacing, origin, direction, interp=sitk.
     return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, direction, 0.0, img.GetPixelID())
 
 
+def _save_case(d: Path, prefix: str, fixed: sitk.Image, moving: sitk.Image, truth: sitk.Transform, suffix: str) -> None:
+    _write(moving, d / f"{prefix}_moving.nii.gz")
+    _write(fixed, d / f"{prefix}_fixed.nii.gz")
+    sitk.WriteTransform(truth, str(d / f"{prefix}_truth{suffix}"))
+
+
+def _case_files(d: Path, prefix: str, suffix: str) -> dict:
+    return {f"{prefix}_{k}": str(d / f"{prefix}_{k}{'.nii.gz' if k != 'truth' else suffix}")
+            for k in ("fixed", "moving", "truth")}
+
+
 def prepare(d: Path) -> dict:
     """Case files (fixed, moving, labels, truth transforms) under ``d``; made once."""
     d.mkdir(parents=True, exist_ok=True)
@@ -90,12 +101,9 @@ def prepare(d: Path) -> dict:
         truth.SetTranslation([6.0, -5.0, 6.0])
         # the fixed image is the anatomy under the truth, sampled from the unsmoothed 1 mm volume and
         # then given the same slice profile: no interpolation of the moving image itself
-        fixed = sitk.Resample(thick, moving, truth, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
-        _write(moving, d / "thick_moving.nii.gz")
-        _write(fixed, d / "thick_fixed.nii.gz")
-        sitk.WriteTransform(truth, str(d / "thick_truth.tfm"))
-    files.update(thick_fixed=str(d / "thick_fixed.nii.gz"), thick_moving=str(d / "thick_moving.nii.gz"),
-                 thick_truth=str(d / "thick_truth.tfm"))
+        _save_case(d, "thick", sitk.Resample(thick, moving, truth, sitk.sitkBSpline, 0.0, sitk.sitkFloat32), moving,
+                   truth, ".tfm")
+    files.update(_case_files(d, "thick", ".tfm"))
     if not (d / "xray_fixed.nii.gz").exists():
         xr = sitk.ReadImage(str(DATA / "xray" / "chest_pa_RG1_UNCR.dcm"), sitk.sitkFloat32)
         xr = xr[:, :, 0] if xr.GetDimension() == 3 else xr
@@ -110,12 +118,8 @@ def prepare(d: Path) -> dict:
         rig.SetAngle(np.deg2rad(3.0))
         rig.SetTranslation([12.0, -7.0])
         truth = sitk.CompositeTransform([rig, bs])
-        fixed = sitk.Resample(xr, xr, truth, sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
-        _write(xr, d / "xray_moving.nii.gz")
-        _write(fixed, d / "xray_fixed.nii.gz")
-        sitk.WriteTransform(truth, str(d / "xray_truth.h5"))
-    files.update(xray_fixed=str(d / "xray_fixed.nii.gz"), xray_moving=str(d / "xray_moving.nii.gz"),
-                 xray_truth=str(d / "xray_truth.h5"))
+        _save_case(d, "xray", sitk.Resample(xr, xr, truth, sitk.sitkBSpline, 0.0, sitk.sitkFloat32), xr, truth, ".h5")
+    files.update(_case_files(d, "xray", ".h5"))
     return files
 
 

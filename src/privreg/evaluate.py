@@ -84,10 +84,7 @@ def jacobian_map(transform: Transform, grid: Grid) -> Tensor:
 
 def jacobian_stats(transform: Transform, grid: Grid, mask: Tensor | None = None) -> dict[str, float]:
     """Statistics of det(dW/dx) on ``grid``; folding = % of voxels with det <= 0."""
-    with torch.no_grad():
-        disp = transform.displacement(grid).to(torch.float64)
-    u = field_image(disp, grid)
-    det = jacobian_determinant(u, grid.spacing, grid.direction_matrix())
+    det = jacobian_map(transform, grid)
     if mask is not None:
         det = det[mask.reshape(det.shape).bool()]
     det = det.reshape(-1)

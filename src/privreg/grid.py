@@ -98,6 +98,14 @@ class Grid:
         """(N, d) world coordinates of all voxels, in tensor (C) order."""
         return self.index_to_world(self.indices(torch.float64)).to(dtype)
 
+    def points_at(self, flat: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """World points (N, d) of flat (C-order) voxel indices ``flat``, without the whole grid's points."""
+        ijk, rest = [], flat
+        for n in self.size:  # x varies fastest in C order of shape (z, y, x)
+            ijk.append(rest % n)
+            rest = rest // n
+        return self.index_to_world(torch.stack(ijk, 1).to(dtype))
+
     def center(self) -> Tensor:
         """World coordinates of the grid centre, shape (d,)."""
         mid = torch.tensor([(s - 1) / 2.0 for s in self.size], dtype=torch.float64)

@@ -12,17 +12,15 @@ from typing import Iterator
 from .errors import InputError
 
 
-def _check_parent(target: Path) -> Path:
+def _check_parent(target: Path) -> None:
     """The existing ancestor of ``target`` must be a writable directory (a missing parent is created later)."""
-    parent = target.absolute().parent
-    probe = parent
+    probe = target.absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise InputError(f"cannot write {target}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {target}: no permission to write in {probe}")
-    return parent
 
 
 def check_outdir(outdir: str | os.PathLike) -> None:

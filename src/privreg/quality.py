@@ -98,17 +98,8 @@ def ecc(a: Tensor, b: Tensor, bins: int = _BINS) -> float:
     return 0.0 if ha + hb <= 0 else max(0.0, 2.0 * (ha + hb - hab) / (ha + hb))
 
 
-def _points(grid: Grid, idx: Tensor) -> Tensor:
-    """World points (N, d) of the grid's flat (C-order) indices ``idx``, without the whole grid's points."""
-    ijk, rest = [], idx
-    for n in grid.size:  # x varies fastest in C order of shape (z, y, x)
-        ijk.append(rest % n)
-        rest = rest // n
-    return grid.index_to_world(torch.stack(ijk, 1).to(torch.float64))
-
-
 def _warped_values(fixed: Image, moving: Image, t: Transform, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    pts = _points(fixed.grid, idx)
+    pts = fixed.grid.points_at(idx)
     with torch.no_grad():
         mp = t(pts).to(torch.float64)
     mv, inside = sample(moving.data, moving.grid, mp.to(moving.data.dtype))  # float32: binned into 32 bins
@@ -119,7 +110,7 @@ def overlap(fixed_grid: Grid, moving: Image, t: Transform, idx: Tensor | None = 
     """Fraction of the fixed grid's points (or of ``idx``) that ``t`` maps inside the moving image's domain."""
     if idx is None:
         idx = _subsample(fixed_grid, None)
-    pts = _points(fixed_grid, idx)
+    pts = fixed_grid.points_at(idx)
     with torch.no_grad():
         mp = t(pts).to(torch.float64)
     idx_m = moving.grid.world_to_index(mp)
@@ -128,15 +119,18 @@ def overlap(fixed_grid: Grid, moving: Image, t: Transform, idx: Tensor | None = 
     return float(inside.double().mean())
 
 
+def _parts(t: Transform) -> list[Transform]:
+    return list(t.transforms) if isinstance(t, CompositeTransform) else [t]
+
+
 def _linear_part(t: Transform) -> LinearTransform | None:
-    parts = list(t.transforms) if isinstance(t, CompositeTransform) else [t]
-    lin = [p for p in parts if isinstance(p, LinearTransform)]
-    return lin[-1] if len(lin) == len(parts) and lin else None
+    """The transform itself when it is linear (a composite of linear parts: its last), else None."""
+    parts = _parts(t)
+    return parts[-1] if all(isinstance(p, LinearTransform) for p in parts) else None
 
 
 def _dense(t: Transform) -> bool:
-    parts = list(t.transforms) if isinstance(t, CompositeTransform) else [t]
-    return any(not isinstance(p, LinearTransform) for p in parts)
+    return any(not isinstance(p, LinearTransform) for p in _parts(t))
 
 
 def assess(fixed_grid: Grid, moving: Image, start: Transform, final: Transform, fixed: Image | None = None,
@@ -159,7 +153,7 @@ def assess(fixed_grid: Grid, moving: Image, start: Transform, final: Transform, 
         a.warnings.append(f"the result maps only {100 * ov1:.0f}% of the fixed image inside the moving image "
                           f"({100 * ov0:.0f}% at the start): the images were pushed apart; check that they "
                           "show the same anatomy, try --init moments or a fixed mask")
-    pts = _points(fixed_grid, idx)
+    pts = fixed_grid.points_at(idx)
     with torch.no_grad():
         d = torch.linalg.norm(final(pts).double() - start(pts).double(), dim=1)
     diag = math.sqrt(sum(e * e for e in fixed_grid.extent()))
@@ -205,7 +199,6 @@ def assess(fixed_grid: Grid, moving: Image, start: Transform, final: Transform, 
         elif e1 < e0 - LIMITS["ecc_drop"]:
             a.warnings.append(f"the images match worse after registration than before (ECC {e0:.3f} -> {e1:.3f}): "
                               "try a smaller step, another metric or --init identity")
-        lin = _linear_part(final)
         if lin is not None and not a.warnings:
             name, best, e_best = best_neighbour(fixed, moving, lin, idx)
             a.measures.update(best_neighbour=name, ecc_best_neighbour=e_best)

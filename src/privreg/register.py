@@ -25,7 +25,7 @@ from .joint import ClearBackend, FixedSide, JointBackend, PyramidLevel, level_im
 from .objectives import AutogradObjective, JointObjective, MovingLevel, ParamModel
 from .optim import FirstOrderOptions, GNOptions, gauss_newton
 from .optim.first_order import minimize_autograd, register_owner
-from .quality import Assessment, assess
+from .quality import Assessment, assess, overlap
 from .optim.greedy import GreedyOptions, greedy_level, resample_field
 from .sampling import Sampling
 from .transforms import (BSplineTransform, CompositeTransform, DisplacementFieldTransform, LinearTransform,
@@ -198,8 +198,6 @@ def check_mask(mask: Image | None, name: str, image: Image | None = None) -> Non
 
 def check_start_overlap(fixed_grid: Grid, moving: Image, start: Transform) -> None:
     """The start transform must map part of the fixed domain into the moving image."""
-    from .quality import overlap
-
     if overlap(fixed_grid, moving, start) < 0.01:
         raise InputError("the images do not overlap in physical space under the initial transform: use "
                          "--init geometry (align the image centres) or give --initial-transform")

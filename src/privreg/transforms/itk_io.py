@@ -38,14 +38,18 @@ def linear_to_sitk(t: LinearTransform) -> sitk.AffineTransform:
     return out
 
 
-def field_to_sitk(disp: torch.Tensor, grid: Grid) -> sitk.DisplacementFieldTransform:
-    """Displacement (N, d) on ``grid`` (C order) -> ITK displacement field transform."""
-    arr = disp.detach().to(F64).reshape(grid.shape + (grid.ndim,)).numpy()
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
+def _on_grid(arr: np.ndarray, grid: Grid, vector: bool = False) -> sitk.Image:
+    """A (z, y, x[, d]) array as a SimpleITK image with ``grid``'s geometry."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=vector)
     img.SetSpacing(grid.spacing)
     img.SetOrigin(grid.origin)
     img.SetDirection(grid.direction)
-    return sitk.DisplacementFieldTransform(img)
+    return img
+
+
+def field_to_sitk(disp: torch.Tensor, grid: Grid) -> sitk.DisplacementFieldTransform:
+    """Displacement (N, d) on ``grid`` (C order) -> ITK displacement field transform."""
+    return sitk.DisplacementFieldTransform(field_image_sitk(disp, grid, np.float64))
 
 
 def bspline_to_sitk(t: BSplineTransform) -> sitk.BSplineTransform:
@@ -58,24 +62,12 @@ def bspline_to_sitk(t: BSplineTransform) -> sitk.BSplineTransform:
     coef = np.pad(t.coefficients.detach().to(F64).reshape(c.shape + (d,)).numpy(), [(1, 1)] * d + [(0, 0)])
     origin = torch.tensor(c.origin, dtype=F64) - c.direction_matrix() @ torch.tensor(c.spacing, dtype=F64)
     g = Grid(tuple(s + 2 for s in c.size), c.spacing, tuple(origin.tolist()), c.direction)
-    images = []
-    for k in range(g.ndim):
-        img = sitk.GetImageFromArray(np.ascontiguousarray(coef[..., k]))
-        img.SetSpacing(g.spacing)
-        img.SetOrigin(g.origin)
-        img.SetDirection(g.direction)
-        images.append(img)
-    return sitk.BSplineTransform(images, 3)
+    return sitk.BSplineTransform([_on_grid(coef[..., k], g) for k in range(d)], 3)
 
 
 def field_image_sitk(disp: torch.Tensor, grid: Grid, dtype=np.float32) -> sitk.Image:
     """Displacement (N, d) on ``grid`` -> vector image of world-mm displacements (ITK / ANTs)."""
-    arr = disp.detach().to(F64).reshape(grid.shape + (grid.ndim,)).numpy().astype(dtype)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=True)
-    img.SetSpacing(grid.spacing)
-    img.SetOrigin(grid.origin)
-    img.SetDirection(grid.direction)
-    return img
+    return _on_grid(disp.detach().to(F64).reshape(grid.shape + (grid.ndim,)).numpy().astype(dtype), grid, vector=True)
 
 
 def dense_displacement(inner: Transform, reference: Grid) -> torch.Tensor:
