@@ -54,9 +54,11 @@ def pair2d(tmp_path_factory):
             "bspline": {"fixed": warped, "moving": moving, "fixed_path": str(d / "fixed_bspline.nii.gz"), "truth": field}}
 
 
-def _secure(pair, cfg, recorder=None, progress=None, timeout=60.0, protocol="mpc"):
-    """Run party 1 here against party 2 (and the dealer for MPC) spawned as processes."""
-    with local_parties(pair["fixed_path"], timeout, dealer=protocol == "mpc") as peers:
+def _secure(pair, cfg, recorder=None, progress=None, timeout=60.0, protocol="mpc", reveal_limit=1e6):
+    """Run party 1 here against party 2 (and the dealer for MPC) spawned as processes with the same plan
+    (a generous reveal limit: these tests are about accuracy; tests/test_enforcement.py about limits)."""
+    with local_parties(pair["fixed_path"], timeout, dealer=protocol == "mpc", cfg=cfg, protocol=protocol,
+                       reveal_limit=reveal_limit) as peers:
         res, _ = run_moving_party(pair["moving"], peers["fixed"], peers["dealer"], peers["pki"], cfg, timeout,
                                   progress=progress, recorder=recorder, protocol=protocol)
         procs = peers["processes"]

@@ -284,7 +284,8 @@ def _interrupt_fixed_party(pair2d, out, protocol, action, timeout):
 
     cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=30,
                              sampling=Sampling("urs", 0.2, seed=5))
-    with local_parties(pair2d["fixed_path"], 30.0, dealer=protocol == "mpc") as peers:
+    with local_parties(pair2d["fixed_path"], 30.0, dealer=protocol == "mpc", cfg=cfg, protocol=protocol,
+                       reveal_limit=1.0) as peers:
         fixed_proc = peers["processes"][-1]
 
         def progress(msg):
@@ -336,7 +337,13 @@ from privreg.grid import Grid
 lst = Listener("127.0.0.1:0", tls_context(sys.argv[1], "fixed", True), 20)
 print("LISTENING", lst.port, flush=True)
 ch = lst.accept(("moving",))
-ch.send("hello", {"grid": grid_to_dict(Grid((64, 64), (2.0, 2.0), (0.0, 0.0)))})
+from privreg.register import RegistrationConfig
+from privreg.secure.plan import public_plan
+from privreg.fhe.ckks import CkksParams
+grid = Grid((64, 64), (2.0, 2.0), (0.0, 0.0))
+cfg = RegistrationConfig(transform="affine", metric="ssd", levels=(2, 1), max_iter=5)
+ch.send("hello", {"grid": grid_to_dict(grid), "plan": public_plan("fhe-v1", cfg, grid),
+                  "ckks": CkksParams().to_dict()})
 ch.recv("setup")
 head = b'{"kind": "features", "meta": {}, "arrays": []}'
 raw = {"oversized": PREFIX.pack(b"PRV1", len(head), 1 << 40) + head,

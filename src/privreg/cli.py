@@ -98,6 +98,9 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
                    help="allow GMS: its points (from the moving image's gradients) are sent to the fixed party")
     p.add_argument("--pki", default=None, help="certificate directory (ca.pem, ROLE.pem, ROLE.key); "
                    "secure-register makes a fresh one")
+    p.add_argument("--reveal-limit", type=float, default=0.1,
+                   help="fixed party: refuse plans that would open more values (linear functionals of the fixed "
+                        "image) than this fraction of its voxels, counted per peer over all sessions")
 
 
 def _config_kwargs(a: argparse.Namespace) -> dict:
@@ -259,7 +262,7 @@ def _run_moving_party(a: argparse.Namespace, peers):
 
     check_outdir(a.outdir)
     _, moving, _, _, _ = _read_inputs(a, fixed_needed=False)
-    cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
+    cfg = _plan_config(a)
     cfg.validate()
     check_secure_config(cfg, a.reveal_gms_indices, a.protocol)
     progress = None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -275,12 +278,19 @@ def cmd_secure_register(a: argparse.Namespace) -> int:
     from .secure.launch import local_parties
 
     read_image(a.fixed)  # the spawned party 2 reads it again; a bad file is a clear error here first
-    res = _run_moving_party(a, local_parties(a.fixed, a.timeout, dealer=a.protocol == "mpc"))
+    res = _run_moving_party(a, local_parties(a.fixed, a.timeout, dealer=a.protocol == "mpc", cfg=_plan_config(a),
+                                             protocol=a.protocol, reveal_limit=a.reveal_limit))
     if not a.quiet:
         s = res.report["secure"]["summary"]
         print(f"done: {res.report['iterations']} iterations, {res.report['wall_seconds']:.2f} s, "
               f"{s['online_MB_per_iteration']:.3f} MB online per iteration -> {a.outdir}")
     return _finish(a, res.report)
+
+
+def _plan_config(a: argparse.Namespace):
+    from .register import RegistrationConfig
+
+    return RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
 
 
 def cmd_party(a: argparse.Namespace) -> int:
@@ -296,13 +306,37 @@ def cmd_party(a: argparse.Namespace) -> int:
         a.moving = a.image
         res = _run_moving_party(a, nullcontext({"fixed": a.connect, "dealer": a.dealer, "pki": a.pki}))
         return _finish(a, res.report)
-    return party_main("fixed", a.image, a.listen, a.dealer, a.pki, a.timeout)
+    return party_main("fixed", a.image, a.listen, a.dealer, a.pki, a.timeout, _fixed_party_config(a), a.protocol,
+                      a.once, a.reveal_limit, _ledger_path(a.ledger))
+
+
+def _fixed_party_config(a: argparse.Namespace):
+    """Party 2's own plan: its command line's options (or the launcher's exact configuration)."""
+    from .register import RegistrationConfig
+
+    if a.config_json:
+        import json
+
+        from .secure.session import config_from_dict
+
+        return config_from_dict(json.loads(a.config_json))
+    cfg = RegistrationConfig(transform=a.transform, metric=a.metric, **_config_kwargs(a))
+    cfg.validate()
+    return cfg
+
+
+def _ledger_path(text: str | None) -> str | None:
+    from .secure.ledger import default_path
+
+    if text is None:
+        return str(default_path())
+    return None if text == "none" else text
 
 
 def cmd_dealer(a: argparse.Namespace) -> int:
     from .secure.parties import party_main
 
-    return party_main("dealer", None, a.listen, None, a.pki, a.timeout)
+    return party_main("dealer", None, a.listen, None, a.pki, a.timeout, once=a.once)
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
@@ -368,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--listen", help="HOST:PORT to listen on (fixed party; port 0 = any)")
     pa.add_argument("--connect", help="HOST:PORT of the fixed party (moving party)")
     pa.add_argument("--dealer", help="HOST:PORT of the dealer")
+    pa.add_argument("--once", action="store_true", help="fixed party: serve one session and exit (default: keep serving)")
+    pa.add_argument("--ledger", default=None,
+                    help="fixed party: file that counts the values opened per image and peer across sessions "
+                         "(default ~/.local/state/privreg/ledger.json; 'none': this process only)")
+    pa.add_argument("--config-json", default=None, help=argparse.SUPPRESS)  # secure-register's spawned party 2
     _add_register_options(pa)
     _add_secure_args(pa)
     pa.set_defaults(func=cmd_party)
@@ -375,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--listen", required=True, help="HOST:PORT (port 0 = any; printed as LISTENING PORT)")
     de.add_argument("--pki", required=True, help="directory with ca.pem, dealer.pem, dealer.key")
     de.add_argument("--timeout", type=float, default=120.0)
+    de.add_argument("--once", action="store_true", help="serve one session and exit (default: keep serving)")
     de.set_defaults(func=cmd_dealer)
     ce = sub.add_parser("certs", help="create a CA and certificates for the three roles")
     ce.add_argument("directory")

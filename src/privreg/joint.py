@@ -172,12 +172,38 @@ def dense_columns(u: "Tensor | Columns") -> Tensor:
 
 @dataclass(frozen=True)
 class Need:
-    """Which entries the caller reads: ``cross[:, cross_cols, :]`` and ``total[total_cols, :]``.
+    """Which entries the caller reads: ``cross[:, cross_cols, cross_features]`` and, of
+    ``total[total_cols, :]``, the (column, feature) pairs ``total_entries`` (all when None).
 
-    A backend may skip the rest (entries it skips are NaN); the clear and MPC backends compute all."""
+    A backend may skip the rest (entries it skips are NaN); the clear backend computes all. The
+    secure backends open only these entries: the plan party 2 enforces derives them the same way
+    (:func:`privreg.objectives.seam_need`)."""
 
     cross_cols: slice = field(default_factory=lambda: slice(None))
     total_cols: slice = field(default_factory=lambda: slice(None))
+    cross_features: tuple[int, ...] | None = None
+    total_entries: tuple[tuple[int, int], ...] | None = None
+
+    def masks(self, a: int, b: int) -> tuple[Tensor, Tensor]:
+        """Boolean (a, b) masks of the cross (every basis function j alike) and total entries read."""
+        cross = torch.zeros(a, b, dtype=torch.bool)
+        rows = torch.zeros(a, dtype=torch.bool)
+        rows[self.cross_cols] = True
+        feats = torch.zeros(b, dtype=torch.bool)
+        feats[list(self.cross_features) if self.cross_features is not None else slice(None)] = True
+        cross[rows[:, None] & feats[None, :]] = True
+        total = torch.zeros(a, b, dtype=torch.bool)
+        if self.total_entries is None:
+            total[self.total_cols] = True
+        else:
+            for col, feat in self.total_entries:
+                total[col, feat] = True
+        return cross, total
+
+    def count(self, p: int, a: int, b: int) -> int:
+        """Values a call opens with ``p`` basis functions: p x (cross entries) + total entries."""
+        cross, total = self.masks(a, b)
+        return p * int(cross.sum()) + int(total.sum())
 
 
 ALL = Need()

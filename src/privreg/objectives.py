@@ -193,6 +193,32 @@ class Evaluation:
 DENSE_HESSIAN_MAX = 4096  # parameters above which Gauss-Newton Hessians stay matrix-free
 
 
+def seam_shape(metric: str, ndim: int, bins: int) -> tuple[int, int]:
+    """(a, b): columns of party 1's U and of party 2's features V in one seam call.
+
+    SSD: U = [m grad I_w (d), m I_w, m], V = [J, J^2]. MI: U = [m A (bins), d(m A)/dW (bins x d)],
+    V = the one-hot fixed bin (bins)."""
+    if metric == "ssd":
+        return ndim + 2, 2
+    if metric == "mi":
+        return bins + bins * ndim, bins
+    raise ValueError(f"metric {metric!r} does not use the seam")
+
+
+def seam_need(metric: str, ndim: int, bins: int) -> Need:
+    """The entries of a seam call the objective reads, which are all a secure backend opens.
+
+    SSD: S^T J = sum Phi_j m g_k J (P x d) and the two cost sums sum m I_w J and sum m J^2.
+    MI: the joint histogram sum m A_r [bin J = t] (bins x bins) and its derivative
+    sum Phi_j d(m A_r)/dW_k [bin J = t] (P x d x bins x bins), PPIR eqs. (8)-(9)."""
+    if metric == "ssd":
+        d = ndim
+        return Need(slice(0, d), slice(d, d + 2), cross_features=(0,), total_entries=((d, 0), (d + 1, 1)))
+    if metric == "mi":
+        return Need(slice(bins, None), slice(0, bins))
+    raise ValueError(f"metric {metric!r} does not use the seam")
+
+
 class JointObjective:
     """SSD or MI through the joint-product seam (the PPIR formulation)."""
 
@@ -300,7 +326,7 @@ class JointObjective:
         else:  # increment from the reference: the same sums over the changes
             cols = [mi - ref[1], m - ref[2]]
         u = torch.cat([g * m[:, None], cols[0][:, None], cols[1][:, None]], 1)
-        res = self.backend.cross(u, basis, index, Need(slice(0, d), slice(d, d + 2)))
+        res = self.backend.cross(u, basis, index, seam_need("ssd", d, 0))
         r = res.cross[:, :d, 0]  # S^T J  (P, d)
         sum_ij = float(res.total[d, 0])
         sum_jj = float(res.total[d + 1, 1])
@@ -343,7 +369,7 @@ class JointObjective:
         if gradient_only:  # the joint pdf first, then the cross product contracted with its log term
             res = self.backend.cross(Columns((a,)), basis, index, Need(slice(0, 0), slice(0, nb)))
         else:
-            res = self.backend.cross(Columns((a, c)), basis, index, Need(slice(nb, None), slice(0, nb)))
+            res = self.backend.cross(Columns((a, c)), basis, index, seam_need("mi", d, nb))
         p = res.total[:nb] / n  # joint pdf (nb, nbt), PPIR eq. (8)
         pr = p.sum(1, keepdim=True)
         pt = p.sum(0, keepdim=True)

@@ -491,7 +491,11 @@ class Evaluator:
             step //= 2
 
     def group_shape(self, lay: Layout, k: int) -> tuple[int, int, int]:
-        """Outputs per group R = R1 * R2 (a power of two <= points per ciphertext)."""
-        r_total = min(1 << max(0, math.ceil(math.log2(max(k, 1)))), lay.ppc)
-        r1 = min(self.params.baby_steps, r_total)
-        return r_total, r1, r_total // r1
+        return group_shape(lay, k, self.params.baby_steps)
+
+
+def group_shape(lay: Layout, k: int, baby_steps: int) -> tuple[int, int, int]:
+    """Outputs per group R = R1 * R2 (a power of two <= points per ciphertext), R1, R2."""
+    r_total = min(1 << max(0, math.ceil(math.log2(max(k, 1)))), lay.ppc)
+    r1 = min(baby_steps, r_total)
+    return r_total, r1, r_total // r1

@@ -197,3 +197,15 @@ def decode_cross(z: Tensor, u_bits: Tensor, v_bits: Tensor, phi: IntBasis, v_lim
         out += decode(z[li], f[None])
     out = out.reshape(out.shape[0], out.shape[1], v_limbs, -1).sum(2)
     return out[:-1], out[-1]
+
+
+def opened_mask(cross_mask: Tensor, total_mask: Tensor, num_basis: int, limbs: int, v_limbs: int) -> Tensor:
+    """Bool (L, P+1, a, v_limbs * b) over an :func:`int_cross` result: the ring entries opened to party 1.
+
+    ``cross_mask``/``total_mask`` (a, b) name the entries the update reads (rows j < P: cross, row P:
+    the all-ones column, i.e. the totals); each is opened as its L x v_limbs limb partials."""
+    a, b = cross_mask.shape
+    out = torch.zeros(limbs, num_basis, a, v_limbs, b, dtype=torch.bool)
+    out[:, :-1] = cross_mask[None, None, :, None, :]
+    out[:, -1] = total_mask[None, :, None, :]
+    return out.reshape(limbs, num_basis, a, v_limbs * b)

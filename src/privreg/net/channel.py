@@ -14,6 +14,7 @@ with arrays described in the header (name, dtype, shape); nothing is unpickled. 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import ssl
@@ -79,6 +80,8 @@ class Channel:
             self.close()
             raise PeerError(f"peer certificate names {cn!r}, expected {self.peer_role}")
         self.peer_role = cn
+        der = self._tls.getpeercert(binary_form=True) or b""
+        self.peer_fingerprint = hashlib.sha256(der).hexdigest()  # the peer's certificate (ledger key)
 
     # ------------------------------------------------------------------ transport
     def _flush(self) -> None:
@@ -239,12 +242,16 @@ class Listener:
     def port(self) -> int:
         return self.sock.getsockname()[1]
 
-    def accept(self, roles: tuple[str, ...], **kw) -> Channel:
-        """Accept one connection whose certificate names one of ``roles``."""
-        try:
-            conn, _ = self.sock.accept()
-        except socket.timeout:
-            raise PeerError(f"no {' or '.join(roles)} connected within {self.timeout:.0f} s") from None
+    def accept(self, roles: tuple[str, ...], wait: bool = False, **kw) -> Channel:
+        """Accept one connection whose certificate names one of ``roles`` (``wait``: however long it
+        takes; otherwise at most ``timeout`` seconds)."""
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+                break
+            except socket.timeout:
+                if not wait:
+                    raise PeerError(f"no {' or '.join(roles)} connected within {self.timeout:.0f} s") from None
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return Channel(conn, self.ctx, server=True, peer_role=roles, timeout=self.timeout, **kw)
 

@@ -46,6 +46,20 @@ def weight_matrix(u: Tensor, phi: Tensor, need: Need = ALL) -> np.ndarray:
     return torch.cat([(phi[:, :, None] * uc[:, None, :]).reshape(n, p * a), ut], 1).numpy()
 
 
+def output_masks(need: Need, p: int, a: int, b: int) -> np.ndarray:
+    """Bool (K, b): which values of each output of :func:`weight_matrix` the update reads (K = p a' + a'')."""
+    cross, total = need.masks(a, b)
+    rows = [cross[range(a)[need.cross_cols]]] * p + [total[range(a)[need.total_cols]]]
+    return torch.cat(rows, 0).numpy()
+
+
+def opened_slots(outputs: np.ndarray, bb: int, r_total: int, slots: int) -> np.ndarray:
+    """Flat indices into (groups, slots) of the opened values: output o, column c sits in group
+    o // R at slot (o % R) bb + c (:meth:`Evaluator.products`); ``outputs`` is :func:`output_masks`."""
+    o, c = np.nonzero(outputs)
+    return (o // r_total) * slots + (o % r_total) * bb + c
+
+
 class FHEBackend(JointBackend):
     """Joint products by CKKS with party 2 holding the secret key."""
 
@@ -128,18 +142,23 @@ class FHEBackend(JointBackend):
         self.calls += 1
         masks = uniform_masks(self.prg, f"M/{call}", (groups, lay.slots), self.params.mask_bits)
         b = int(feats.exps.shape[0])
-        count = r_total * lay.bb
-        mapped = masks[:, :count].reshape(groups * r_total, lay.bb)[:k, :b]  # mask of y[k, b]
+        outputs = output_masks(need, basis.num_basis, int(u.shape[1]), b)
+        if outputs.shape[0] != k:
+            raise RuntimeError("weight matrix and output masks disagree")
         if self.version == 1:
             blobs = self.evaluator.products(feats, w, masks)
-            self.to_fixed.send("cross", {"call": call, "count": count}, **pack_bytes(blobs))
+            self.to_fixed.send("cross", {"call": call}, **pack_bytes(blobs))
+            slots = opened_slots(outputs, lay.bb, r_total, lay.slots)
             _, m, reply = self.to_fixed.recv("reply")
             vals = reply["values"].numpy()
-            if int(m.get("call", -1)) != call or vals.shape != (groups, count) or not np.isfinite(vals).all():
+            if int(m.get("call", -1)) != call or vals.shape != slots.shape or not np.isfinite(vals).all():
                 raise PeerError("malformed reply from the fixed party")
-            y = vals.reshape(groups * r_total, lay.bb)[:k, :b] - mapped
+            y = np.full((k, b), np.nan)
+            y[outputs] = vals - masks.reshape(-1)[slots]
         else:
-            y, blobs = self._cross_v2(call, feats, w, masks, mapped, count)
+            count = r_total * lay.bb
+            mapped = masks[:, :count].reshape(groups * r_total, lay.bb)[:k, :b]  # mask of y[k, b]
+            y, blobs = self._cross_v2(call, feats, w, masks, mapped, outputs)
         y = y * 2.0 ** exps[:, None] * 2.0 ** feats.exps[None, :]
         y = torch.from_numpy(y)
         a = u.shape[1]
@@ -157,8 +176,10 @@ class FHEBackend(JointBackend):
         })
         return CrossResult(cross, total)
 
-    def _cross_v2(self, call: int, feats, w: np.ndarray, masks: np.ndarray, mapped: np.ndarray, count: int):
-        """FHE-v2: party 1 evaluates rows [0, n1) on [[V_1]], party 2 rows [n1, n) on [[W_2]]."""
+    def _cross_v2(self, call: int, feats, w: np.ndarray, masks: np.ndarray, mapped: np.ndarray,
+                  outputs: np.ndarray):
+        """FHE-v2: party 1 evaluates rows [0, n1) on [[V_1]], party 2 rows [n1, n) on [[W_2]]; party 2
+        unmasks only the ``outputs`` entries (the rest stay hidden by its masks R)."""
         n1, k, b = feats.layout.num_points, w.shape[1], mapped.shape[1]
         w2 = w[n1:]
         chunks = Layout(w2.shape[0], k, self.params.slots).chunks
@@ -167,16 +188,17 @@ class FHEBackend(JointBackend):
                              f"{w2.shape[0]} points); use --protocol fhe-v1, fewer points or fewer parameters")
         blobs = self.evaluator.products(feats, w[:n1], masks)
         enc_w2 = self.own.encrypt_packed(w2, self.params.w_scale_bits)
-        self.to_fixed.send("cross", {"call": call, "count": count, "outputs": k},
-                           **pack_bytes(blobs), **pack_bytes(enc_w2, "w2"))
+        self.to_fixed.send("cross", {"call": call, "outputs": k}, **pack_bytes(blobs), **pack_bytes(enc_w2, "w2"))
         _, m, reply = self.to_fixed.recv("reply")
         vals = reply["values"].numpy()
-        if int(m.get("call", -1)) != call or vals.shape != (k, b) or not np.isfinite(vals).all():
+        if int(m.get("call", -1)) != call or vals.shape != (int(outputs.sum()),) or not np.isfinite(vals).all():
             raise PeerError("malformed reply from the fixed party")
         theirs = self.own.decrypt(unpack_bytes(reply, b, "y2"), k)  # (b, k): y_2 + R
         if theirs.shape != (b, k) or not np.isfinite(theirs).all():
             raise PeerError("malformed encrypted reply from the fixed party")
-        return vals - mapped + theirs.T, blobs + enc_w2
+        y = np.full((k, b), np.nan)
+        y[outputs] = vals - mapped[outputs] + theirs.T[outputs]
+        return y, blobs + enc_w2
 
     def close(self) -> None:
         self.evaluator.seal.close()

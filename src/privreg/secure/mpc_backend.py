@@ -10,7 +10,7 @@ from torch import Tensor
 from ..basis import Basis
 from ..errors import InputError
 from ..joint import ALL, BackendStats, Columns, CrossResult, FeatureSpec, JointBackend, Need, dense_columns
-from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, feature_columns, int_cross, phi_bits
+from ..mpc.product import LIMBS, IntBasis, column_bits, decode_cross, feature_columns, int_cross, opened_mask, phi_bits
 from ..mpc.ring import Prg, encode
 from ..net.channel import Channel, PeerError
 
@@ -80,10 +80,17 @@ class MPCBackend(JointBackend):
         _, m, reply = self.to_fixed.recv("reply")
         if int(m.get("call", -1)) != call:
             raise PeerError("fixed party answered a different call")
+        b = self.vh.shape[1] // self.v_limbs
+        cmask, tmask = need.masks(int(u.shape[1]), b)
+        opened = opened_mask(cmask, tmask, local.shape[1], local.shape[0], self.v_limbs)
         z = reply["z"]
-        if tuple(z.shape) != tuple(local.shape):
-            raise PeerError(f"fixed party sent a reply of shape {tuple(z.shape)}, expected {tuple(local.shape)}")
-        cross, total = decode_cross(z + t1 + local, u_bits, self.v_bits, phi, self.v_limbs)
+        if z.dtype != torch.int64 or tuple(z.shape) != (int(opened.sum()),):
+            raise PeerError(f"fixed party sent a reply of shape {tuple(z.shape)}, expected ({int(opened.sum())},)")
+        full = torch.zeros_like(local)  # entries not opened stay unknown to party 1 (only its own share)
+        full[opened] = z + (t1 + local)[opened]
+        cross, total = decode_cross(full, u_bits, self.v_bits, phi, self.v_limbs)
+        cross[:, ~cmask] = float("nan")
+        total[~tmask] = float("nan")
         self.stats.calls += 1
         self.stats.seconds += time.perf_counter() - t0
         self.per_call.append({

@@ -78,6 +78,22 @@ def config_from_dict(d: dict) -> RegistrationConfig:
     return cfg
 
 
+def config_from_plan(plan: dict) -> RegistrationConfig:
+    """The public part of a configuration, rebuilt from a plan (:func:`privreg.secure.plan.public_plan`)
+    by a party that holds no image (the dealer)."""
+    try:
+        levels = plan["levels"]
+        cfg = RegistrationConfig(
+            transform=plan["transform"], metric=plan["metric"], bins=int(plan.get("bins", 32)),
+            grid_spacing=float(plan.get("grid_spacing", 10.0)), levels=tuple(float(lv[0]) for lv in levels),
+            sigmas=tuple(float(lv[1]) for lv in levels), max_iter=[int(lv[2]) for lv in levels],
+            sampling=Sampling(**plan["sampling"]), normalize=bool(plan["normalize"]))
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise PeerError(f"malformed plan from party 1: {exc}") from None
+    cfg.validate()
+    return cfg
+
+
 def grid_to_dict(g: Grid) -> dict:
     return {"size": list(g.size), "spacing": list(g.spacing), "origin": list(g.origin), "direction": list(g.direction)}
 
