@@ -173,10 +173,16 @@ class Channel:
         try:
             head = json.loads(self._recv_exact(hlen))
             kind, meta, specs = head["kind"], head["meta"], head["arrays"]
+            if not isinstance(kind, str) or not isinstance(meta, dict) or not isinstance(specs, list):
+                raise TypeError("kind, meta or arrays of the wrong type")
+            for s in specs:
+                if (not isinstance(s["name"], str) or not isinstance(s["shape"], list) or len(s["shape"]) > 8
+                        or not all(type(x) is int and 0 <= x < 1 << 40 for x in s["shape"])):
+                    raise TypeError(f"invalid array description {str(s)[:80]}")
             sizes = [int(np.prod(s["shape"], dtype=np.int64)) * np.dtype(DTYPES[s["dtype"]]).itemsize for s in specs]
         except (ValueError, KeyError, TypeError) as exc:
             raise PeerError(f"malformed frame header from {self.peer_role}: {exc}") from None
-        if sum(sizes) != blen or any(min(s["shape"], default=0) < 0 for s in specs):
+        if sum(sizes) != blen:
             raise PeerError(f"malformed frame from {self.peer_role}: array sizes do not match the body")
         arrays = {}
         for s, n in zip(specs, sizes):
